@@ -1,0 +1,56 @@
+// Every pyinterp:: op schema, in one place, plus the pybind11 helpers that `pyinterp info` reports.
+// Implementations register against these schemas elsewhere:
+//   CPU   csrc/cpu/<op>.cpp   TORCH_LIBRARY_IMPL(pyinterp, CPU, m)
+//   CUDA  csrc/cuda/<op>.cpp  STABLE_TORCH_LIBRARY_IMPL(pyinterp, CUDA, m)   (module _C_cuda)
+//   Triton ops and the public autograd-carrying ops are registered from Python (pyinterp/ops/).
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+
+TORCH_LIBRARY(pyinterp, m) {
+  // ---- SAE: top-k encode (pyinterp/ops/topk_encode.py) ----
+  // x (N, D); W_enc (M, D); b_enc (M) or None; b_dec (D) or None; dead_mask (M) bool or None.
+  // Returns post-ReLU values (N, k) in x's dtype, descending, ties to the lower latent index;
+  // indices (N, k) int32; aux_values / aux_indices (N, k_aux) over dead latents only ((N, 0) if k_aux=0).
+  m.def("topk_encode_forward(Tensor x, Tensor W_enc, Tensor? b_enc, Tensor? b_dec, int k, "
+        "Tensor? dead_mask, int k_aux) -> (Tensor values, Tensor indices, Tensor aux_values, "
+        "Tensor aux_indices)");
+  // ---- SAE: sparse decode and the sparse products both SAE ops' backwards use
+  //      (pyinterp/ops/sparse_decode.py) ----
+  // out[n] = sum_j values[n,j] * weight[indices[n,j]] (+ bias); (N, D) in values' dtype.
+  m.def("gather_sum(Tensor values, Tensor indices, Tensor weight, Tensor? bias) -> Tensor");
+  // out[n,j] = <grad[n], weight[indices[n,j]]>; (N, k) in grad's dtype.
+  m.def("gather_dot(Tensor grad, Tensor indices, Tensor weight) -> Tensor");
+  // weight_grad[i] = sum_{(n,j): indices[n,j]=i} coef[n,j] * rows[n]   (num_latents, D), rows' dtype
+  // coef_sum[i]    = sum_{(n,j): indices[n,j]=i} coef[n,j]             (num_latents), fp32
+  // Deterministic: each latent's (n, j) pairs are reduced in increasing (n, j) order.
+  m.def("sparse_t_matmul(Tensor coef, Tensor indices, Tensor rows, int num_latents) -> "
+        "(Tensor weight_grad, Tensor coef_sum)");
+  // ---- integrated Jacobians (pyinterp/ops/ij_accumulate.py) ----
+  // ---- resonator networks (pyinterp/ops/resonator.py) ----
+}
+
+namespace {
+bool compiled_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "pyinterp C++ CPU kernels; op schemas are registered in the pyinterp:: namespace";
+  module.def("compiled_with_openmp", &compiled_with_openmp,
+             "whether the CPU kernels were compiled with OpenMP (at::parallel_for threads)");
+  module.def("num_threads", &at::get_num_threads, "threads at::parallel_for uses");
+  module.def("compiler", []() { return std::string(__VERSION__); }, "the C++ compiler version");
+  module.def("cpu_features", []() {
+    pybind11::dict features;
+    features["avx2"] = __builtin_cpu_supports("avx2") != 0;
+    features["avx512f"] = __builtin_cpu_supports("avx512f") != 0;
+    features["fma"] = __builtin_cpu_supports("fma") != 0;
+    return features;
+  }, "CPU features of this machine");
+}
