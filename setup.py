@@ -5,6 +5,7 @@ Environment:
                           auto: _C always, _C_cuda when nvcc is found; cpu: _C only;
                           cuda: _C and _C_cuda (fails without nvcc); none: pure Python (Triton + torch).
   PYINTERP_CUDA_ARCHS     CUDA architectures, default "90a" (e.g. "90a;100a").
+  PYINTERP_BUILD_DIR      CMake build folder (default build/cmake).
   MAX_JOBS                parallel compile jobs (default: number of cores).
   NVCC_THREADS            threads nvcc uses per job (default 1).
 Build without isolation so the installed torch is used: pip install --no-build-isolation .
@@ -45,7 +46,8 @@ class CMakeBuild(build_ext):
         import torch.utils.cpp_extension as cpp_extension
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A fixed build folder keeps rebuilds incremental (pip's own temp folder is new every time).
+        build_dir = Path(os.environ.get("PYINTERP_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         build_cuda = {"auto": "auto", "cuda": "ON"}.get(TARGET_DEVICE, "OFF")
         nvcc_threads = os.environ.get("NVCC_THREADS", "1")
