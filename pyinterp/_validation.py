@@ -1,0 +1,73 @@
+"""Argument checks shared by every op. Each error names the op and the argument."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(op: str, name: str, value, *, ndim: int | Iterable[int] | None = None,
+                 dtypes: Iterable[torch.dtype] | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{op}: {name} must be {want}-D, got shape {tuple(value.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{op}: {name} must have dtype in ({names}), got {value.dtype}")
+    return value
+
+
+def check_same_device(op: str, reference_name: str, reference: torch.Tensor, **others) -> None:
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != reference.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but {reference_name} is on "
+                             f"{reference.device}; move them to one device")
+
+
+def check_same_dtype(op: str, reference_name: str, reference: torch.Tensor, **others) -> None:
+    for name, tensor in others.items():
+        if tensor is not None and tensor.dtype != reference.dtype:
+            raise TypeError(f"{op}: {name} has dtype {tensor.dtype} but {reference_name} has "
+                            f"{reference.dtype}; cast them to one dtype")
+
+
+def check_shape(op: str, name: str, tensor: torch.Tensor | None, shape: tuple[int, ...],
+                meaning: str = "") -> None:
+    if tensor is not None and tuple(tensor.shape) != tuple(shape):
+        extra = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}{extra}, got {tuple(tensor.shape)}")
+
+
+def check_int(op: str, name: str, value, *, low: int | None = None, high: int | None = None,
+              meaning: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        extra = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{op}: {name} must be in {bounds}{extra}, got {value}")
+    return value
+
+
+def check_nonempty(op: str, name: str, tensor: torch.Tensor, dim: int = 0) -> None:
+    if tensor.shape[dim] == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(tensor.shape)}); nothing to compute")
+
+
+def check_index_range(op: str, name: str, indices: torch.Tensor, size: int, size_name: str) -> None:
+    """Host-syncing range check; callers whose indices come from pyinterp's own ops may skip it."""
+    if indices.numel() == 0:
+        return
+    low, high = torch.aminmax(indices)
+    if int(low) < 0 or int(high) >= size:
+        raise IndexError(f"{op}: {name} must lie in [0, {size}) ({size_name}), "
+                         f"found values in [{int(low)}, {int(high)}]")
