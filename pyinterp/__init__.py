@@ -1,0 +1,15 @@
+"""pyinterp: fast, exact kernels for interpretability research, as differentiable PyTorch ops.
+
+    values, indices = pyinterp.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)
+    x_hat = pyinterp.sparse_decode(values, indices, W_dec, b_dec)
+
+Every op has the backends "cuda", "triton", "cpu" (C++) and "torch" (the reference); backend="auto"
+picks the fastest available for the tensors' device. `pyinterp info` says which are available."""
+from pyinterp import _extension
+from pyinterp.ops.sparse_decode import sparse_decode
+from pyinterp.ops.topk_encode import topk_encode
+
+__version__ = "0.1.0"
+__all__ = ["topk_encode", "sparse_decode", "__version__"]
+
+_extension.cuda_extension()  # registers the CUDA kernels, when built

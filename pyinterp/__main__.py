@@ -1,0 +1,5 @@
+import sys
+
+from pyinterp.cli import main
+
+sys.exit(main())

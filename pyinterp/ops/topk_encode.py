@@ -1,0 +1,138 @@
+"""topk_encode: the fused top-k SAE encoder (sae.md). The N x M pre-activations are never stored.
+
+Forward kernels: native (cpu, cuda) registered in C++ as pyinterp::topk_encode_forward, Triton
+registered here. The backward is sparse: it reuses sparse_decode's gather_sum (dx) and
+sparse_t_matmul (dW_enc, db_enc), plus one GEMV for db_dec; no N x M or N x k x D intermediate."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyinterp import _backend, _validation
+from pyinterp.ops.sparse_decode import sparse_kernels, triton_kernels
+from pyinterp.reference import topk_encode as reference
+
+
+@torch.library.register_fake("pyinterp::topk_encode_forward")
+def _topk_encode_forward_fake(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
+    n = x.shape[0]
+    return (x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int32),
+            x.new_empty(n, k_aux), x.new_empty(n, k_aux, dtype=torch.int32))
+
+
+@torch.library.custom_op("pyinterp::topk_encode_forward_triton", mutates_args=())
+def topk_encode_forward_triton(x: Tensor, W_enc: Tensor, b_enc: Optional[Tensor],
+                               b_dec: Optional[Tensor], k: int, dead_mask: Optional[Tensor],
+                               k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return triton_kernels("topk_encode").topk_encode_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+
+
+topk_encode_forward_triton.register_fake(_topk_encode_forward_fake)
+
+
+def forward_kernel(backend: str):
+    if backend == "triton":
+        return torch.ops.pyinterp.topk_encode_forward_triton
+    return torch.ops.pyinterp.topk_encode_forward
+
+
+@torch.library.custom_op("pyinterp::topk_encode", mutates_args=())
+def _topk_encode(x: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], b_dec: Optional[Tensor], k: int,
+                 dead_mask: Optional[Tensor], k_aux: int,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return forward_kernel(backend)(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+
+
+@_topk_encode.register_fake
+def _(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend):
+    return _topk_encode_forward_fake(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+
+
+def _setup_context(ctx, inputs, output):
+    x, W_enc, b_enc, b_dec, _, _, _, backend = inputs
+    values, indices, aux_values, aux_indices = output
+    ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
+    ctx.backend = backend
+    ctx.has_b_enc = b_enc is not None
+    ctx.mark_non_differentiable(indices, aux_indices)
+
+
+def _backward(ctx, grad_values, _grad_indices, grad_aux_values, _grad_aux_indices):
+    x, W_enc, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    # Top-k selection is constant; the ReLU mask (value > 0) stops gradient at unfired latents.
+    coef = torch.where(values > 0, grad_values, 0) if grad_values is not None else torch.zeros_like(values)
+    selected = indices
+    if aux_indices.shape[1] > 0 and grad_aux_values is not None:
+        coef = torch.cat([coef, torch.where(aux_values > 0, grad_aux_values, 0)], dim=1)
+        selected = torch.cat([indices, aux_indices], dim=1)
+    coef = coef.to(x.dtype).contiguous()
+    kernels = sparse_kernels(ctx.backend)
+    grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
+    if ctx.needs_input_grad[0]:
+        grad_x = kernels.gather_sum(coef, selected, W_enc, None)
+    need_b_dec = b_dec is not None and ctx.needs_input_grad[3]
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or need_b_dec:
+        x_centered = x if b_dec is None else x - b_dec
+        grad_W, coef_sum = kernels.sparse_t_matmul(coef, selected, x_centered, W_enc.shape[0])
+        grad_W_enc = grad_W if ctx.needs_input_grad[1] else None
+        if ctx.has_b_enc and ctx.needs_input_grad[2]:
+            grad_b_enc = coef_sum.to(x.dtype)
+        if need_b_dec:
+            # d/db_dec of x - b_dec summed over rows: -(sum_n dL/dx~[n]) = -(coef_sum @ W_enc)
+            grad_b_dec = -(coef_sum @ W_enc.to(coef_sum.dtype)).to(x.dtype)
+    return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None
+
+
+_topk_encode.register_autograd(_backward, setup_context=_setup_context)
+
+
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int, *, b_dec: Tensor | None = None,
+                dead_mask: Tensor | None = None, k_aux: int = 0, backend: str = "auto"):
+    """Fused top-k SAE encoder: top-k of z = (x - b_dec) @ W_enc^T + b_enc per row, then ReLU.
+
+    x (..., D); W_enc (M, D); b_enc (M) or None; b_dec (D) or None (the decoder's pre-bias).
+    Returns (values, indices), each (..., k): values post-ReLU in x's dtype, descending, ties to the
+    lower latent index; indices int32. With dead_mask (M, bool) and k_aux > 0 it also returns
+    (aux_values, aux_indices) (..., k_aux): the top-k_aux over dead latents only, from the same pass
+    (for the AuxK loss; its gradient reaches W_enc and b_enc). Gradients flow to x, W_enc, b_enc and
+    b_dec; weight gradients are deterministic. backend: "auto", "cuda", "triton", "cpu" or "torch"."""
+    op = "topk_encode"
+    _validation.check_tensor(op, "x", x, dtypes=_validation.FLOAT_DTYPES)
+    _validation.check_tensor(op, "W_enc", W_enc, ndim=2)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape (..., D), got a scalar")
+    num_latents, width = W_enc.shape
+    if x.shape[-1] != width:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dim but W_enc has "
+                         f"{width} columns (W_enc must be (M, D) with D = x.shape[-1])")
+    _validation.check_same_device(op, "x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, dead_mask=dead_mask)
+    _validation.check_same_dtype(op, "x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
+    _validation.check_shape(op, "b_enc", b_enc, (num_latents,), "one bias per latent, W_enc.shape[0]")
+    _validation.check_shape(op, "b_dec", b_dec, (width,), "x.shape[-1]")
+    _validation.check_int(op, "k", k, low=1, high=num_latents, meaning="1 <= k <= number of latents")
+    _validation.check_int(op, "k_aux", k_aux, low=0, high=num_latents,
+                          meaning="0 <= k_aux <= number of latents")
+    if dead_mask is not None:
+        _validation.check_tensor(op, "dead_mask", dead_mask, dtypes=(torch.bool,))
+        _validation.check_shape(op, "dead_mask", dead_mask, (num_latents,), "one flag per latent")
+    if k_aux > 0 and dead_mask is None:
+        raise ValueError(f"{op}: k_aux={k_aux} needs dead_mask (which latents are dead)")
+    leading = x.shape[:-1]
+    if math.prod(leading) == 0:
+        raise ValueError(f"{op}: x is empty (shape {tuple(x.shape)}); nothing to encode")
+    with_aux = dead_mask is not None and k_aux > 0
+    flat_x = x.reshape(-1, width)
+    backend = _backend.resolve(backend, x.device, op)
+    if backend == "torch":
+        outputs = reference.topk_encode(flat_x, W_enc, b_enc, k, b_dec, dead_mask if with_aux else None,
+                                        k_aux if with_aux else 0)
+    else:
+        outputs = torch.ops.pyinterp.topk_encode(
+            flat_x.contiguous(), W_enc.contiguous(), b_enc, b_dec, k,
+            dead_mask if with_aux else None, k_aux if with_aux else 0, backend)
+        if not with_aux:
+            outputs = outputs[:2]
+    return tuple(t.reshape(*leading, t.shape[-1]) for t in outputs)

@@ -1,0 +1,271 @@
+"""topk_encode: every backend against the reference (the spec), forward and backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import pyinterp
+from pyinterp.reference import topk_encode as reference
+from helpers import (ALL_DTYPES, assert_close_to_float64, backend_device_pairs, exact_like,
+                     exact_sae_data)
+
+PAIRS = backend_device_pairs()
+# (N, D, M, k): N = 1, k = 1, k = M, D not a power of two, M not a multiple of 8.
+SHAPES = [(1, 7, 5, 1), (1, 7, 5, 5), (13, 33, 67, 4), (6, 100, 203, 16)]
+
+
+def _run(backend, device, data, k, **kwargs):
+    return pyinterp.topk_encode(data["x"], data["W_enc"], data["b_enc"], k, b_dec=data["b_dec"],
+                                backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_exact_data_matches_reference_bitwise(backend, device, dtype, shape):
+    n, d, m, k = shape
+    data = exact_sae_data(n, d, m, dtype=dtype, device=device, seed=sum(shape))
+    values, indices = _run(backend, device, data, k)
+    ref_values, ref_indices = _run("torch", device, data, k)
+    assert indices.dtype == torch.int32 and values.dtype == dtype
+    torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_ties_go_to_the_lower_index_in_descending_order(backend, device):
+    # Every latent has the same pre-activation: the top-k must be latents 0..k-1 in order.
+    x = torch.ones(3, 8, device=device)
+    W_enc = torch.ones(11, 8, device=device) / 4
+    values, indices = pyinterp.topk_encode(x, W_enc, None, 5, backend=backend)
+    assert indices.tolist() == [[0, 1, 2, 3, 4]] * 3
+    assert values.eq(2.0).all()
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_forward_random_data_within_dtype_tolerance(backend, device, dtype):
+    g = torch.Generator().manual_seed(1)
+    x64, W64, b64 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((9, 45), (130, 45), (130,)))
+    x, W, b = (t.to(device=device, dtype=dtype) for t in (x64, W64, b64))
+    values, indices = pyinterp.topk_encode(x, W, b, 8, backend=backend)
+    ref_lowp, _ = pyinterp.topk_encode(x, W, b, 8, backend="torch")
+    ref64, _ = pyinterp.topk_encode(x.double(), W.double(), b.double(), 8, backend="torch")
+    assert_close_to_float64(values, ref_lowp, ref64, "values")
+    # The chosen latents' exact pre-activations must be the exact top-k (any swap is a near-tie).
+    z = reference.preactivations(x.double(), W.double(), b.double(), None)
+    chosen = z.gather(1, indices.long().cpu() if z.device.type == "cpu" else indices.long())
+    top, _ = reference.topk_lower_index_ties(z, 8)
+    torch.testing.assert_close(chosen, top, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("num_dead", [0, 3, 40])
+def test_aux_topk_over_dead_latents_matches_reference(backend, device, num_dead):
+    # num_dead = 3 < k_aux: the rest are filled by the lowest-index live latents with value 0.
+    n, d, m, k, k_aux = 10, 33, 67, 4, 6
+    data = exact_sae_data(n, d, m, device=device, seed=num_dead)
+    g = torch.Generator().manual_seed(num_dead)
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[torch.randperm(m, generator=g)[:num_dead]] = True
+    dead = dead.to(device)
+    outputs = _run(backend, device, data, k, dead_mask=dead, k_aux=k_aux)
+    expected = _run("torch", device, data, k, dead_mask=dead, k_aux=k_aux)
+    assert len(outputs) == 4
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    aux_values, aux_indices = outputs[2:]
+    assert dead[aux_indices.long()][aux_values > 0].all(), "positive aux activations must be dead latents"
+
+
+def _loss_and_grads(backend, data, k, grads_out, dead=None, k_aux=0):
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in data.items() if t is not None}
+    outputs = pyinterp.topk_encode(leaves["x"], leaves["W_enc"], leaves.get("b_enc"), k,
+                                   b_dec=leaves.get("b_dec"), dead_mask=dead, k_aux=k_aux, backend=backend)
+    loss = (outputs[0].double() * grads_out[0]).sum()
+    if k_aux:
+        loss = loss + (outputs[2].double() * grads_out[1]).sum()
+    loss.backward()
+    return {name: leaf.grad for name, leaf in leaves.items()}
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7, 5, 5), (13, 33, 67, 4)])
+def test_backward_matches_float64_reference(backend, device, dtype, shape):
+    n, d, m, k = shape
+    data = exact_sae_data(n, d, m, dtype=dtype, device=device, seed=7)
+    dead = (torch.arange(m, device=device) % 3 == 0)
+    k_aux = min(3, m)
+    grads_out = (exact_like((n, k), seed=1, device=device).double(),
+                 exact_like((n, k_aux), seed=2, device=device).double())
+    got = _loss_and_grads(backend, data, k, grads_out, dead, k_aux)
+    ref_lowp = _loss_and_grads("torch", data, k, grads_out, dead, k_aux)
+    data64 = {name: t.double() if t is not None else None for name, t in data.items()}
+    ref64 = _loss_and_grads("torch", data64, k, grads_out, dead, k_aux)
+    for name in got:
+        assert_close_to_float64(got[name], ref_lowp[name], ref64[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_relu_mask_blocks_gradient_when_fewer_than_k_are_positive(backend, device):
+    # Only latents 0 and 1 have positive pre-activations, but k = 4 latents are selected:
+    # the other two are selected with negative z and must receive no gradient (sae.md trap 1).
+    d, m, k = 6, 9, 4
+    x = torch.ones(1, d, device=device)
+    W_enc = -torch.ones(m, d, device=device) * torch.arange(1, m + 1, device=device)[:, None] / 8
+    W_enc[:2] = 0.5
+    leaves = [t.clone().requires_grad_() for t in (x, W_enc)]
+    b_enc = torch.zeros(m, device=device, requires_grad=True)
+    values, indices = pyinterp.topk_encode(leaves[0], leaves[1], b_enc, k, backend=backend)
+    assert values[0, 2:].eq(0).all() and indices[0, :2].tolist() == [0, 1]
+    values.sum().backward()
+    selected_negative = indices[0, 2:].long()
+    assert leaves[1].grad[selected_negative].eq(0).all()
+    assert b_enc.grad[selected_negative].eq(0).all()
+    assert b_enc.grad[:2].eq(1).all()
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_aux_gradient_reaches_encoder(backend, device):
+    data = exact_sae_data(8, 12, 30, device=device, seed=3)
+    dead = torch.zeros(30, dtype=torch.bool, device=device)
+    dead[20:] = True
+    W_enc = data["W_enc"].clone().requires_grad_()
+    b_enc = data["b_enc"].clone().requires_grad_()
+    outputs = pyinterp.topk_encode(data["x"], W_enc, b_enc, 3, dead_mask=dead, k_aux=4, backend=backend)
+    aux_values, aux_indices = outputs[2:]
+    aux_values.sum().backward()  # a loss on the aux activations alone (sae.md trap 2)
+    fired = aux_indices[aux_values > 0].long().unique()
+    assert fired.numel() > 0
+    assert W_enc.grad[fired].abs().sum(1).gt(0).all()
+    assert b_enc.grad[fired].gt(0).all()
+    assert W_enc.grad[:20].eq(0).all(), "live latents get no gradient from the aux loss"
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_weight_gradients_are_bitwise_deterministic(backend, device):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 24, generator=g).to(device)
+    W = torch.randn(50, 24, generator=g).to(device)  # 50 latents, 40 x 8 picks: many repeats
+    runs = []
+    for _ in range(2):
+        W_enc = W.clone().requires_grad_()
+        values, _ = pyinterp.topk_encode(x, W_enc, None, 8, backend=backend)
+        (values * torch.linspace(-1, 1, 8, device=device)).sum().backward()
+        runs.append(W_enc.grad)
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_three_dimensional_input_keeps_leading_shape(backend, device):
+    data = exact_sae_data(6, 33, 40, device=device, seed=11)
+    x3 = data["x"].reshape(2, 3, 33)
+    values, indices = pyinterp.topk_encode(x3, data["W_enc"], data["b_enc"], 5, b_dec=data["b_dec"],
+                                           backend=backend)
+    flat_values, flat_indices = _run("torch", device, data, 5)
+    assert values.shape == (2, 3, 5) and indices.shape == (2, 3, 5)
+    assert torch.equal(values.reshape(6, 5), flat_values) and torch.equal(indices.reshape(6, 5), flat_indices)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_opcheck(backend, device):
+    data = exact_sae_data(4, 9, 13, device=device, seed=2)
+    dead = torch.arange(13, device=device) >= 9
+    args = (data["x"], data["W_enc"], data["b_enc"], data["b_dec"], 3, dead, 2, backend)
+    torch.library.opcheck(torch.ops.pyinterp.topk_encode.default, args)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
+               for s in ((3, 5), (11, 5), (11,), (5,))]
+    dead = torch.arange(11) % 2 == 0
+    for backend in ("cpu", "torch"):
+        def fn(x, W_enc, b_enc, b_dec):
+            out = pyinterp.topk_encode(x, W_enc, b_enc, 3, b_dec=b_dec, dead_mask=dead, k_aux=2,
+                                       backend=backend)
+            return out[0], out[2]
+        assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_compiles_with_fullgraph(backend, device):
+    data = exact_sae_data(5, 9, 14, device=device, seed=4)
+
+    def step(x, W_enc, b_enc, b_dec):
+        values, indices = pyinterp.topk_encode(x, W_enc, b_enc, 3, b_dec=b_dec, backend=backend)
+        return values.sum() + indices.sum()
+
+    W_enc = data["W_enc"].clone().requires_grad_()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(data["x"], W_enc, data["b_enc"], data["b_dec"])
+    loss.backward()
+    expected = step(data["x"], data["W_enc"], data["b_enc"], data["b_dec"])
+    assert torch.equal(loss.detach(), expected) and W_enc.grad is not None
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 9), d=st.integers(1, 40), m=st.integers(1, 70), data=st.data())
+def test_hypothesis_shapes_match_reference(n, d, m, data):
+    k = data.draw(st.integers(1, m))
+    backend = data.draw(st.sampled_from([b for b, dev in PAIRS if dev == "cpu"] or ["torch"]))
+    tensors = exact_sae_data(n, d, m, seed=n * 1000 + d * 10 + m)
+    got = _run(backend, "cpu", tensors, k)
+    want = _run("torch", "cpu", tensors, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+class TestBadInput:
+    data = exact_sae_data(4, 6, 10)
+
+    def call(self, **overrides):
+        args = dict(x=self.data["x"], W_enc=self.data["W_enc"], b_enc=self.data["b_enc"], k=3)
+        args.update(overrides)
+        return pyinterp.topk_encode(args.pop("x"), args.pop("W_enc"), args.pop("b_enc"), args.pop("k"), **args)
+
+    @pytest.mark.parametrize("k", [0, -1, 11])
+    def test_k_out_of_range(self, k):
+        with pytest.raises(ValueError, match="k must be in"):
+            self.call(k=k)
+
+    def test_width_mismatch(self):
+        with pytest.raises(ValueError, match="W_enc"):
+            self.call(x=torch.zeros(4, 7))
+
+    def test_bias_shapes(self):
+        with pytest.raises(ValueError, match="b_enc"):
+            self.call(b_enc=torch.zeros(9))
+        with pytest.raises(ValueError, match="b_dec"):
+            self.call(b_dec=torch.zeros(5))
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="W_enc"):
+            self.call(W_enc=self.data["W_enc"].half())
+
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match="x must have dtype"):
+            self.call(x=torch.zeros(4, 6, dtype=torch.int64))
+
+    def test_device_mismatch(self):
+        with pytest.raises(ValueError, match="W_enc is on meta"):
+            self.call(W_enc=self.data["W_enc"].to("meta"))
+
+    def test_empty_batch(self):
+        with pytest.raises(ValueError, match="empty"):
+            self.call(x=torch.zeros(0, 6))
+
+    def test_aux_needs_dead_mask_of_the_right_kind(self):
+        with pytest.raises(ValueError, match="dead_mask"):
+            self.call(k_aux=2)
+        with pytest.raises(TypeError, match="dead_mask"):
+            self.call(dead_mask=torch.zeros(10), k_aux=2)
+        with pytest.raises(ValueError, match="dead_mask"):
+            self.call(dead_mask=torch.zeros(9, dtype=torch.bool), k_aux=2)
+
+    def test_unknown_or_unavailable_backend(self):
+        with pytest.raises(RuntimeError, match="unknown backend"):
+            self.call(backend="fast")
+        with pytest.raises(RuntimeError, match="cuda backend runs on CUDA tensors"):
+            self.call(backend="cuda")
