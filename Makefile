@@ -38,7 +38,11 @@ compile-check:
 	cmake --build build/compile-check --target cuda_compile_check -j $(MAX_JOBS)
 
 bench: build
-	$(PY) -m pytest -q benches --benchmark-only
+	$(PY) -m pytest -q -p no:cacheprovider benches --benchmark-only
 
 clean:
 	rm -rf build *.egg-info pyinterp/_C*.so
+
+# On a GPU machine with a CUDA torch already installed: build, GPU tests, compute-sanitizer, benchmarks.
+gpu-check:
+	benches/gpu_check.sh $(or $(OUT),out/gpu-check)

@@ -1,0 +1,128 @@
+"""Shared benchmark machinery: timing done right, peak memory, roofline units, and one long-format
+results file per device kind (benches/results/<device>.jsonl), appended per run."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def device_slug(device: str) -> str:
+    if device == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return "cpu-" + platform.machine()
+
+
+def _rss_bytes(key: str) -> int:
+    match = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) * 1024
+
+
+def peak_memory_bytes(fn, device: str) -> int:
+    """Extra memory at the high-water mark of one call: CUDA allocator peak on GPU; on CPU the
+    resident-set high-water mark (reset through /proc/self/clear_refs) above the resident set before."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_bytes("VmRSS")
+    fn()
+    return max(_rss_bytes("VmHWM") - before, 0)
+
+
+def median_ms(fn, device: str, *, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms; CUDA events on GPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return statistics.median(times)
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_metadata(device: str) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {"device": device_name(device), "device_kind": device, "torch": torch.__version__,
+            "triton": triton_version, "git_sha": _git_sha(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}
+
+
+def add_baseline_ratios(rows: list[dict]) -> None:
+    """speedup_vs_best_baseline: the best non-pyinterp provider's time over this row's time,
+    within one (op, shape, dtype, direction) measured in the same run."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["op"], row["shape"], row["dtype"], row["direction"]), []).append(row)
+    for group in groups.values():
+        baselines = [r["median_ms"] for r in group
+                     if not r["provider"].startswith("pyinterp") and r.get("median_ms")]
+        for row in group:
+            row["speedup_vs_best_baseline"] = (round(min(baselines) / row["median_ms"], 3)
+                                               if baselines and row.get("median_ms") else None)
+
+
+def write_results(rows: list[dict], device: str) -> Path:
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{device_slug(device)}.jsonl"
+    meta = run_metadata(device)
+    with path.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps({**meta, **row}) + "\n")
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (f"{'op':14s} {'shape':14s} {'dtype':9s} {'direction':9s} {'provider':18s} "
+              f"{'median ms':>10s} {'peak MiB':>9s} {'roofline':>14s} {'vs best base':>12s}")
+    lines = [header]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"{r['op']:14s} {r['shape']:14s} {r['dtype']:9s} {r['direction']:9s} "
+                         f"{r['provider']:18s} skipped: {r['skipped']}")
+            continue
+        ratio = r.get("speedup_vs_best_baseline")
+        lines.append(f"{r['op']:14s} {r['shape']:14s} {r['dtype']:9s} {r['direction']:9s} {r['provider']:18s} "
+                     f"{r['median_ms']:10.2f} {r['peak_mib']:9.1f} {r['throughput']:>14s} "
+                     f"{(f'{ratio:.2f}x' if ratio else '-'):>12s}")
+    return "\n".join(lines)
