@@ -1,33 +1,73 @@
-"""Collects every benchmark's row and writes them, with baseline ratios, to benches/results/ at the end."""
+"""Collects every benchmark's row; at the end adds the measured roofline and the baseline ratios,
+prints the table, appends the rows to the results file, and draws the plots."""
+import json
 import os
+from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness import add_baseline_ratios, format_table, write_results  # noqa: E402
+from harness import (RESULTS_DIR, add_baseline_ratios, device_slug, format_table,  # noqa: E402
+                     measure_roofline, roofline_fraction, write_results)
 
 _ROWS: list[dict] = []
+_SUMMARY: list[str] = []
 
 
 def pytest_addoption(parser):
     parser.addoption("--shapes", default="small", choices=("small", "paper", "all"),
-                     help="small: shapes for this CPU; paper: the sae.md GPU shapes; all: both")
-    parser.addoption("--no-record", action="store_true", help="do not append to benches/results/")
+                     help="small: shapes for a CPU; paper: the specs' GPU shapes; all: both")
+    parser.addoption("--results-dir", default=str(RESULTS_DIR), help="where <device>.jsonl is appended")
+    parser.addoption("--plots-dir", default=None, help="write PNG plots of this run here")
+    parser.addoption("--no-record", action="store_true", help="do not append to the results file")
+
+
+def pytest_configure(config):
+    # CPU timings use every core this process may run on, and only those.
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
 
 
 @pytest.fixture
-def record(request):
+def record():
     """record(row): keep one measured (or skipped) row for the results file."""
     return _ROWS.append
+
+
+def _roofline(device: str, dtype_name: str, results_dir: Path) -> dict:
+    """Measured once per device and dtype, then reused from results_dir/roofline-<device>.json."""
+    path = results_dir / f"roofline-{device_slug(device)}.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if dtype_name not in cached:
+        cached[dtype_name] = measure_roofline(device, getattr(torch, dtype_name))
+        results_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=1) + "\n")
+    return cached[dtype_name]
 
 
 def pytest_sessionfinish(session, exitstatus):
     if not _ROWS:
         return
+    results_dir = Path(session.config.getoption("--results-dir"))
+    for row in _ROWS:
+        if not row.get("skipped"):
+            roofline = _roofline(row["device_kind"], row["dtype"], results_dir)
+            row["roofline_fraction"] = round(roofline_fraction(row["throughput"], row["unit"], roofline), 4)
     add_baseline_ratios(_ROWS)
-    print("\n" + format_table(_ROWS))
+    _SUMMARY.append(format_table(_ROWS))
     if not session.config.getoption("--no-record"):
         for device in sorted({row["device_kind"] for row in _ROWS}):
-            path = write_results([r for r in _ROWS if r["device_kind"] == device], device)
-            print(f"results appended to {path}")
+            path = write_results([r for r in _ROWS if r["device_kind"] == device], device, results_dir)
+            _SUMMARY.append(f"results appended to {path}")
+    plots_dir = session.config.getoption("--plots-dir")
+    if plots_dir:
+        from plots import plot_results
+
+        for path in plot_results(_ROWS, Path(plots_dir)):
+            _SUMMARY.append(f"plot written to {path}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for block in _SUMMARY:
+        terminalreporter.write_line(block)

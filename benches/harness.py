@@ -2,6 +2,7 @@
 results file per device kind (benches/results/<device>.jsonl), appended per run."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import platform
@@ -14,6 +15,17 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+_M_MMAP_THRESHOLD = -3
+# glibc's dynamic mmap threshold settles at its 32 MiB maximum once large blocks have been freed.
+_STEADY_MMAP_THRESHOLD = 32 << 20
+
+
+def _set_mmap_threshold(nbytes: int) -> None:
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
+    except OSError:  # not glibc: CPU peak memory may read low
+        pass
 
 
 def device_name(device: str) -> str:
@@ -43,10 +55,16 @@ def peak_memory_bytes(fn, device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _rss_bytes("VmRSS")
-    fn()
-    return max(_rss_bytes("VmHWM") - before, 0)
+    # While measuring, blocks of 1 MiB and more are mmap'd, so that memory freed by an earlier call
+    # is not silently reused from the heap, unseen by the high-water mark; timing runs never see this.
+    _set_mmap_threshold(1 << 20)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _rss_bytes("VmRSS")
+        fn()
+        return max(_rss_bytes("VmHWM") - before, 0)
+    finally:
+        _set_mmap_threshold(_STEADY_MMAP_THRESHOLD)
 
 
 def median_ms(fn, device: str, *, repeats: int, warmup: int = 1) -> float:
@@ -88,6 +106,26 @@ def run_metadata(device: str) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}
 
 
+def measure_roofline(device: str, dtype: torch.dtype) -> dict:
+    """This machine's attainable peaks, measured rather than taken from a datasheet: a large matmul in
+    the benchmark dtype (TFLOP/s) and a large device copy (GB/s, bytes read + written)."""
+    size = 8192 if device == "cuda" else 2048
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    matmul_ms = median_ms(lambda: torch.mm(a, b), device, repeats=5, warmup=2)
+    source = torch.randn((2 if device == "cuda" else 1) * 2**28 // 4, device=device)
+    target = torch.empty_like(source)
+    copy_ms = median_ms(lambda: target.copy_(source), device, repeats=5, warmup=2)
+    return {"matmul_tflops": round(2 * size**3 / (matmul_ms * 1e-3) / 1e12, 3),
+            "copy_gbps": round(2 * source.numel() * 4 / (copy_ms * 1e-3) / 1e9, 1)}
+
+
+def roofline_fraction(throughput: float, unit: str, roofline: dict) -> float:
+    """Throughput as a fraction of the measured peak of its unit."""
+    peak = {"TFLOP/s": roofline["matmul_tflops"], "GB/s": roofline["copy_gbps"]}[unit]
+    return throughput / peak
+
+
 def add_baseline_ratios(rows: list[dict]) -> None:
     """speedup_vs_best_baseline: the best non-pyinterp provider's time over this row's time,
     within one (op, shape, dtype, direction) measured in the same run."""
@@ -102,9 +140,9 @@ def add_baseline_ratios(rows: list[dict]) -> None:
                                                if baselines and row.get("median_ms") else None)
 
 
-def write_results(rows: list[dict], device: str) -> Path:
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{device_slug(device)}.jsonl"
+def write_results(rows: list[dict], device: str, results_dir: Path = RESULTS_DIR) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{device_slug(device)}.jsonl"
     meta = run_metadata(device)
     with path.open("a") as handle:
         for row in rows:
@@ -113,16 +151,16 @@ def write_results(rows: list[dict], device: str) -> Path:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'op':14s} {'shape':14s} {'dtype':9s} {'direction':9s} {'provider':18s} "
-              f"{'median ms':>10s} {'peak MiB':>9s} {'roofline':>14s} {'vs best base':>12s}")
+    header = (f"{'op':14s} {'shape':17s} {'dtype':9s} {'direction':16s} {'provider':19s} "
+              f"{'median ms':>10s} {'peak MiB':>9s} {'throughput':>16s} {'% roof':>7s} {'vs best base':>12s}")
     lines = [header]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"{r['op']:14s} {r['shape']:14s} {r['dtype']:9s} {r['direction']:9s} "
-                         f"{r['provider']:18s} skipped: {r['skipped']}")
+            lines.append(f"{r['op']:14s} {r['shape']:17s} {r['dtype']:9s} {r['direction']:16s} "
+                         f"{r['provider']:19s} skipped: {r['skipped']}")
             continue
         ratio = r.get("speedup_vs_best_baseline")
-        lines.append(f"{r['op']:14s} {r['shape']:14s} {r['dtype']:9s} {r['direction']:9s} {r['provider']:18s} "
-                     f"{r['median_ms']:10.2f} {r['peak_mib']:9.1f} {r['throughput']:>14s} "
-                     f"{(f'{ratio:.2f}x' if ratio else '-'):>12s}")
+        lines.append(f"{r['op']:14s} {r['shape']:17s} {r['dtype']:9s} {r['direction']:16s} {r['provider']:19s} "
+                     f"{r['median_ms']:10.2f} {r['peak_mib']:9.1f} {r['throughput']:9.2f} {r['unit']:>6s} "
+                     f"{100 * r.get('roofline_fraction', 0):6.1f}% {(f'{ratio:.2f}x' if ratio else '-'):>12s}")
     return "\n".join(lines)

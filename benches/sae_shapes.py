@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -20,17 +21,8 @@ DIRECTIONS = ("forward", "forward+backward")
 
 
 def bench_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def shapes_for(option: str, device: str) -> dict:
-    """(shapes to run, {shape: reason skipped})"""
-    shapes = {}
-    if option in ("small", "all"):
-        shapes.update(SMALL_SHAPES)
-    if option in ("paper", "all"):
-        shapes.update(PAPER_SHAPES)
-    return shapes
+    """PYINTERP_BENCH_DEVICE (set by `pyinterp bench --device`), else the GPU when there is one."""
+    return os.environ.get("PYINTERP_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def skip_reason(provider: str, shape: str, device: str) -> str:
