@@ -76,7 +76,22 @@ def sae_section(args) -> None:
               f"{(values - values_ref).abs().max().item():9.2e} {(x_hat - x_hat_ref).abs().max().item():12.2e}")
 
 
-SECTIONS = (sae_section,)
+def bench_section(args) -> None:
+    """A short `pyinterp bench`: forward passes on the small shapes, against torch and the peers."""
+    import argparse
+
+    from pyinterp import bench
+
+    print("== pyinterp bench (short: forward passes, small shapes; `pyinterp bench` runs them all) ==")
+    if not bench.SOURCE_BENCHES.is_dir():
+        print(f"skipped: no benchmark suites at {bench.SOURCE_BENCHES} (needs a source checkout)")
+        return
+    bench.run(argparse.Namespace(ops=None, shapes="small", device=None, out=bench.SOURCE_BENCHES / "results",
+                                 filter="not backward and not compile", no_record=True,
+                                 bench_dir=bench.SOURCE_BENCHES))
+
+
+SECTIONS = (sae_section, bench_section)
 
 
 def run(args) -> int:
