@@ -11,13 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import pyinterp
-from harness import peak_memory_bytes
-from sae_shapes import (DIRECTIONS, PAPER_SHAPES, SMALL_SHAPES, bench_device, bench_dtype,
-                        skip_reason, synchronize)
+from sae_shapes import DIRECTIONS, PAPER_SHAPES, SMALL_SHAPES, sae_case, synchronize, time_and_record
 
 PROVIDERS = ("pyinterp-cuda", "pyinterp-triton", "pyinterp-cpu", "torch-embedding_bag", "torch-compile",
              "sparsify")
-DEVICE = bench_device()
 ROTATIONS = 4  # distinct input sets cycled through so caches do not flatter small kernels
 
 
@@ -26,19 +23,19 @@ def embedding_bag_decode(values, indices, W_dec, b_dec):
 
 
 def sparsify_decode(values, indices, W_dec, b_dec):
-    if DEVICE == "cpu":
-        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # its Triton decoder needs a GPU
     from sparsify.utils import decoder_impl
     return decoder_impl(indices, values, W_dec.mT) + b_dec
 
 
-def make_decoder(provider: str):
+def make_decoder(provider: str, device: str):
     if provider.startswith("pyinterp-"):
         backend = provider.removeprefix("pyinterp-")
         return lambda v, i, W, b: pyinterp.sparse_decode(v, i, W, b, backend=backend, check_indices=False)
     if provider == "torch-compile":
         return torch.compile(embedding_bag_decode)
     if provider == "sparsify":
+        if device == "cpu":
+            os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # read at import: its Triton decoder needs a GPU
         return sparsify_decode
     return embedding_bag_decode
 
@@ -47,33 +44,20 @@ def make_decoder(provider: str):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", list(SMALL_SHAPES) + list(PAPER_SHAPES))
 def test_sparse_decode(benchmark, record, request, shape, provider, direction):
-    option = request.config.getoption("--shapes")
-    if (shape in PAPER_SHAPES and option == "small") or (shape in SMALL_SHAPES and option == "paper"):
-        pytest.skip(f"--shapes={option}")
-    width, latents, k, tokens = {**SMALL_SHAPES, **PAPER_SHAPES}[shape]
-    dtype = bench_dtype(DEVICE)
-    row = {"op": "sparse_decode", "shape": shape, "N": tokens, "D": width, "M": latents, "k": k,
-           "dtype": str(dtype).removeprefix("torch."), "direction": direction, "provider": provider,
-           "device_kind": DEVICE}
-    reason = skip_reason(provider, shape, DEVICE)
-    if reason:
-        record({**row, "skipped": reason})
-        pytest.skip(reason)
-
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    W_dec = torch.randn(latents, width, device=DEVICE, dtype=dtype, generator=g)
-    b_dec = torch.randn(width, device=DEVICE, dtype=dtype, generator=g)
+    case = sae_case("sparse_decode", request, record, shape, provider, direction)
+    device, dtype, tokens, width, latents, k = (case.device, case.dtype, case.tokens, case.width,
+                                                case.latents, case.k)
+    g = torch.Generator(device=device).manual_seed(0)
+    W_dec = torch.randn(latents, width, device=device, dtype=dtype, generator=g)
+    b_dec = torch.randn(width, device=device, dtype=dtype, generator=g)
     inputs = []
     for _ in range(ROTATIONS):
-        # Distinct latents per row, as top-k produces; random values that are never all zero.
-        scores = torch.rand(tokens, latents, device=DEVICE, generator=g) if latents * tokens <= 2**28 else None
-        indices = (scores.topk(k, dim=1).indices if scores is not None else
-                   torch.randint(0, latents, (tokens, k), device=DEVICE, generator=g))
-        values = torch.rand(tokens, k, device=DEVICE, dtype=dtype, generator=g) + 0.1
+        # Distinct latents per row, as top-k produces; values that are never all zero.
+        indices = torch.rand(tokens, latents, device=device, generator=g).topk(k, dim=1).indices
+        values = torch.rand(tokens, k, device=device, dtype=dtype, generator=g) + 0.1
         inputs.append((values, indices.to(torch.int32 if provider.startswith("pyinterp") else torch.int64)))
-        del scores
-    grad_out = torch.randn(tokens, width, device=DEVICE, dtype=dtype, generator=g)
-    decode = make_decoder(provider)
+    grad_out = torch.randn(tokens, width, device=device, dtype=dtype, generator=g)
+    decode = make_decoder(provider, device)
     counter = iter(range(10**9))
 
     if direction == "forward+backward":
@@ -85,23 +69,16 @@ def test_sparse_decode(benchmark, record, request, shape, provider, direction):
             torch.autograd.backward(decode(values, indices, *params), grad_out)
             for p in params:
                 p.grad = None
-            synchronize(DEVICE)
+            synchronize(device)
     else:
         def step():
             values, indices = inputs[next(counter) % ROTATIONS]
             with torch.no_grad():
                 decode(values, indices, W_dec, b_dec)
-            synchronize(DEVICE)
+            synchronize(device)
 
-    step()  # warm-up (and compilation for torch-compile)
-    benchmark.pedantic(step, rounds=5 if DEVICE == "cpu" else 20, warmup_rounds=1, iterations=1)
-    median_ms = benchmark.stats.stats.median * 1e3
-    peak = peak_memory_bytes(step, DEVICE)
     element = torch.finfo(dtype).bits // 8
-    rows_bytes = tokens * k * width * element
-    dense_bytes = tokens * width * element
-    moved = rows_bytes + dense_bytes if direction == "forward" else 3 * rows_bytes + 3 * dense_bytes
-    gbps = moved / (median_ms * 1e-3) / 1e9
-    record({**row, "median_ms": round(median_ms, 3), "peak_mib": round(peak / 2**20, 1),
-            "throughput": round(gbps, 3), "unit": "GB/s"})
-    benchmark.extra_info.update(peak_mib=round(peak / 2**20, 1), gbps=round(gbps, 2))
+    rows_bytes, dense_bytes = tokens * k * width * element, tokens * width * element
+    moved = rows_bytes + dense_bytes if direction == "forward" else 3 * (rows_bytes + dense_bytes)
+    time_and_record(benchmark, record, case, step, rounds=5 if device == "cpu" else 20,
+                    work=moved, unit="GB/s")

@@ -6,12 +6,9 @@ import pytest
 import torch
 
 import pyinterp
-from harness import peak_memory_bytes
-from sae_shapes import (DIRECTIONS, PAPER_SHAPES, SMALL_SHAPES, bench_device, bench_dtype,
-                        skip_reason, synchronize)
+from sae_shapes import DIRECTIONS, PAPER_SHAPES, SMALL_SHAPES, sae_case, synchronize, time_and_record
 
 PROVIDERS = ("pyinterp-cuda", "pyinterp-triton", "pyinterp-cpu", "torch-eager", "torch-compile", "sparsify")
-DEVICE = bench_device()
 
 
 def eager_encode(x, W_enc, b_enc, b_dec, k):
@@ -41,48 +38,31 @@ def make_encoder(provider: str):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", list(SMALL_SHAPES) + list(PAPER_SHAPES))
 def test_topk_encode(benchmark, record, request, shape, provider, direction):
-    option = request.config.getoption("--shapes")
-    if (shape in PAPER_SHAPES and option == "small") or (shape in SMALL_SHAPES and option == "paper"):
-        pytest.skip(f"--shapes={option}")
-    width, latents, k, tokens = {**SMALL_SHAPES, **PAPER_SHAPES}[shape]
-    dtype = bench_dtype(DEVICE)
-    row = {"op": "topk_encode", "shape": shape, "N": tokens, "D": width, "M": latents, "k": k,
-           "dtype": str(dtype).removeprefix("torch."), "direction": direction, "provider": provider,
-           "device_kind": DEVICE}
-    reason = skip_reason(provider, shape, DEVICE)
-    if reason:
-        record({**row, "skipped": reason})
-        pytest.skip(reason)
-
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.randn(tokens, width, device=DEVICE, dtype=dtype, generator=g)
-    W_enc = (torch.randn(latents, width, device=DEVICE, dtype=dtype, generator=g) / width ** 0.5)
-    b_enc = torch.randn(latents, device=DEVICE, dtype=dtype, generator=g) * 0.01
-    b_dec = torch.randn(width, device=DEVICE, dtype=dtype, generator=g) * 0.01
+    case = sae_case("topk_encode", request, record, shape, provider, direction)
+    device, dtype, tokens, width, latents, k = (case.device, case.dtype, case.tokens, case.width,
+                                                case.latents, case.k)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, width, device=device, dtype=dtype, generator=g)
+    W_enc = (torch.randn(latents, width, device=device, dtype=dtype, generator=g) / width ** 0.5)
+    b_enc = torch.randn(latents, device=device, dtype=dtype, generator=g) * 0.01
+    b_dec = torch.randn(width, device=device, dtype=dtype, generator=g) * 0.01
     encode = make_encoder(provider)
     if direction == "forward+backward":
         params = [t.requires_grad_() for t in (W_enc, b_enc, b_dec)]
-        grad_values = torch.randn(tokens, k, device=DEVICE, dtype=dtype, generator=g)
+        grad_values = torch.randn(tokens, k, device=device, dtype=dtype, generator=g)
 
         def step():
-            values, _ = encode(x, *params[:1], params[1], params[2], k)
+            values, _ = encode(x, *params, k)
             torch.autograd.backward(values, grad_values)
             for p in params:
                 p.grad = None
-            synchronize(DEVICE)
+            synchronize(device)
     else:
         def step():
             with torch.no_grad():
                 encode(x, W_enc, b_enc, b_dec, k)
-            synchronize(DEVICE)
+            synchronize(device)
 
-    step()  # warm-up (and compilation for torch-compile)
-    rounds = 3 if DEVICE == "cpu" else 10
-    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
-    median_ms = benchmark.stats.stats.median * 1e3
-    peak = peak_memory_bytes(step, DEVICE)
-    flops = 2 * tokens * latents * width  # the forward GEMM: the unit both directions are quoted in
-    tflops = flops / (median_ms * 1e-3) / 1e12
-    record({**row, "median_ms": round(median_ms, 3), "peak_mib": round(peak / 2**20, 1),
-            "throughput": round(tflops, 4), "unit": "TFLOP/s"})
-    benchmark.extra_info.update(peak_mib=round(peak / 2**20, 1), tflops=round(tflops, 3))
+    # Both directions are quoted in the forward GEMM's FLOPs (2*N*M*D).
+    time_and_record(benchmark, record, case, step, rounds=3 if device == "cpu" else 10,
+                    work=2 * tokens * latents * width, unit="TFLOP/s")

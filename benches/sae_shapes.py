@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import NamedTuple
 
+import pytest
 import torch
 
 from pyinterp import _backend
@@ -45,3 +47,47 @@ def bench_dtype(device: str) -> torch.dtype:
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+class SaeCase(NamedTuple):
+    row: dict
+    width: int
+    latents: int
+    k: int
+    tokens: int
+    dtype: torch.dtype
+    device: str
+
+
+def sae_case(op: str, request, record, shape: str, provider: str, direction: str) -> SaeCase:
+    """The case's results row and sizes; skips (recording why) when it cannot run here."""
+    option = request.config.getoption("--shapes")
+    if (shape in PAPER_SHAPES and option == "small") or (shape in SMALL_SHAPES and option == "paper"):
+        pytest.skip(f"--shapes={option}")
+    device = bench_device()
+    width, latents, k, tokens = {**SMALL_SHAPES, **PAPER_SHAPES}[shape]
+    dtype = bench_dtype(device)
+    row = {"op": op, "shape": shape, "N": tokens, "D": width, "M": latents, "k": k,
+           "dtype": str(dtype).removeprefix("torch."), "direction": direction, "provider": provider,
+           "device_kind": device}
+    reason = skip_reason(provider, shape, device)
+    if reason:
+        record({**row, "skipped": reason})
+        pytest.skip(reason)
+    return SaeCase(row, width, latents, k, tokens, dtype, device)
+
+
+def time_and_record(benchmark, record, case: SaeCase, step, *, rounds: int, work: float, unit: str) -> None:
+    """Warm up, time `step` with pytest-benchmark (median), measure its peak memory, and record the
+    row with throughput = work / time in `unit` (TFLOP/s: work in FLOPs; GB/s: work in bytes)."""
+    from harness import peak_memory_bytes
+
+    step()  # warm-up (and compilation for torch-compile)
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
+    median_ms = benchmark.stats.stats.median * 1e3
+    peak = peak_memory_bytes(step, case.device)
+    scale = 1e12 if unit == "TFLOP/s" else 1e9
+    throughput = work / (median_ms * 1e-3) / scale
+    record({**case.row, "median_ms": round(median_ms, 3), "peak_mib": round(peak / 2**20, 1),
+            "throughput": round(throughput, 4), "unit": unit})
+    benchmark.extra_info.update(peak_mib=round(peak / 2**20, 1), throughput=round(throughput, 4), unit=unit)
