@@ -1,7 +1,7 @@
 """Which backends can run an op on a device, why the others cannot, and which one `auto` picks."""
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -17,14 +17,9 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
-    return ""
+# Looked up once without importing triton (slow), and as a constant that torch.compile can trace.
+_TRITON_MISSING = ("" if importlib.util.find_spec("triton") is not None
+                   else "triton is not installed (pip install triton)")
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str:
@@ -45,8 +40,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
             return _extension.load_error("_C_cuda")
         return ""
     if backend == "triton":
-        if _triton_import_error():
-            return _triton_import_error()
+        if _TRITON_MISSING:
+            return _TRITON_MISSING
         if device.type == "cpu" and not triton_interpreting():
             return "triton runs on CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
         if device.type not in ("cpu", "cuda"):
