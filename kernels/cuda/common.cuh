@@ -1,0 +1,94 @@
+// Device helpers shared by the kernels/cuda/*.cu files (device code; include from .cu only).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace pyinterp::cuda::detail {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+// VEC consecutive elements of T as fp32. VEC * sizeof(T) == 16 uses one 16-byte read-only load
+// (the caller guarantees 16-byte alignment); VEC == 1 is the scalar path for unaligned rows.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_as_float(const T* __restrict__ p, float (&out)[VEC]) {
+  if constexpr (VEC == 1) {
+    out[0] = to_float(__ldg(p));
+  } else {
+    static_assert(VEC * sizeof(T) == 16, "vector loads are 16 bytes");
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = to_float(e[i]);
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_from_float(T* __restrict__ p, const float (&in)[VEC]) {
+  if constexpr (VEC == 1) {
+    p[0] = from_float<T>(in[0]);
+  } else {
+    static_assert(VEC * sizeof(T) == 16, "vector stores are 16 bytes");
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) e[i] = from_float<T>(in[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
+// VEC elements of T as loaded, not yet converted: a loop that loads several of these before
+// converting any keeps that many loads in flight.
+template <typename T, int VEC>
+using Packed = std::conditional_t<VEC == 1, T, uint4>;
+
+template <typename T, int VEC>
+__device__ __forceinline__ Packed<T, VEC> load_packed(const T* __restrict__ p) {
+  if constexpr (VEC == 1) {
+    return __ldg(p);
+  } else {
+    static_assert(VEC * sizeof(T) == 16, "vector loads are 16 bytes");
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ Packed<T, VEC> zero_packed() {
+  if constexpr (VEC == 1) {
+    return from_float<T>(0.0f);
+  } else {
+    return make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void unpack(const Packed<T, VEC>& raw, float (&out)[VEC]) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_float(e[i]);
+}
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace pyinterp::cuda::detail
