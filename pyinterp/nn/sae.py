@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from pyinterp import _validation
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
-from pyinterp.reference.topk_encode import topk_lower_index_ties
+from pyinterp.reference.topk_encode import _compute_dtype, topk_lower_index_ties
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -27,7 +27,8 @@ EXPORT_NAMES = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_
 class SAEOutput(NamedTuple):
     """x_hat (N, D); values / indices (N, k') the active latents (values post-ReLU, zero where
     unused); fvu = ||x - x_hat||^2 / ||x - mean(x)||^2; aux_loss = the scaled, normalised AuxK loss
-    (zero without dead latents); loss = fvu + aux_alpha * aux_loss. All losses are fp32 scalars."""
+    (zero without dead latents); loss = fvu + aux_alpha * aux_loss. Losses are fp32 scalars
+    (float64 for a float64 SAE)."""
     x_hat: Tensor
     values: Tensor
     indices: Tensor
@@ -37,8 +38,8 @@ class SAEOutput(NamedTuple):
 
 
 def total_variance(x: Tensor) -> Tensor:
-    """||x - mean(x)||^2 over the batch, in fp32 (the FVU denominator)."""
-    x = x.float()
+    """||x - mean(x)||^2 over the batch (the FVU denominator), in fp32 or wider."""
+    x = x.to(_compute_dtype(x.dtype))
     return (x - x.mean(0)).pow(2).sum()
 
 
@@ -154,8 +155,8 @@ class TopKSAE(nn.Module):
         values, indices, aux_values, aux_indices, num_dead = self._select(flat, dead_mask)
         (b_dec,) = self._cast(self.b_dec)
         x_hat = self._decode_sum(values, indices) + b_dec
-        target = flat.float()
-        fvu = (target - x_hat.float()).pow(2).sum() / total_variance(target)
+        target = flat.to(_compute_dtype(flat.dtype))  # losses in fp32 (float64 stays float64)
+        fvu = (target - x_hat.to(target.dtype)).pow(2).sum() / total_variance(target)
         if aux_values is None:
             aux_loss = fvu.new_zeros(())
         else:
@@ -168,9 +169,9 @@ class TopKSAE(nn.Module):
         """AuxK (sae.md): the dead latents' reconstruction e_hat of the residual e = x - x_hat
         (stop-grad); e_hat has NO b_dec (it is inside e already). Normalised by ||e - mean(e)||^2,
         scaled by min(#dead / k_aux, 1) on the device (zero when none are dead: no host sync)."""
-        residual = (target - x_hat.float()).detach()
-        residual_hat = self._decode_sum(aux_values, aux_indices).float()
-        scale = (num_dead.float() / self.k_aux).clamp(max=1.0)
+        residual = (target - x_hat.to(target.dtype)).detach()
+        residual_hat = self._decode_sum(aux_values, aux_indices).to(target.dtype)
+        scale = (num_dead.to(target.dtype) / self.k_aux).clamp(max=1.0)
         return scale * (residual_hat - residual).pow(2).sum() / total_variance(residual)
 
     # ---- saving and loading (sparsify's layout) ----
@@ -211,9 +212,8 @@ class TopKSAE(nn.Module):
         path = Path(path)
         config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not config_path.is_file() or not weights_path.is_file():
-            inner = sorted(p.name for p in path.glob(f"*/{CONFIG_FILE}")) if path.is_dir() else []
-            hint = (f"; it holds one SAE per hookpoint: pass one of {', '.join(p.split('/')[0] for p in inner)}"
-                    if inner else "")
+            inner = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_FILE}")) if path.is_dir() else []
+            hint = f"; it holds one SAE per hookpoint: pass one of {', '.join(inner)}" if inner else ""
             raise FileNotFoundError(f"no SAE at {path}: expected {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
         config = json.loads(config_path.read_text())
         if config.get("activation", "topk") != "topk" or config.get("transcode") or config.get("skip_connection"):
