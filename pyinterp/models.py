@@ -116,14 +116,23 @@ class _StopForward(Exception):
     """Raised by the capture hook: layers after the hooked one need not run."""
 
 
+def transformer_and_tokenizer(model, tokenizer=None):
+    """(Hugging Face transformer, tokenizer) of a SentenceTransformer, or of a Hugging Face model
+    given with its tokenizer."""
+    if tokenizer is not None:
+        return model, tokenizer
+    if hasattr(model, "tokenizer") and hasattr(model, "__getitem__"):
+        return model[0].auto_model, model.tokenizer
+    raise ValueError(f"a {type(model).__name__} needs its tokenizer: pass tokenizer=...")
+
+
 @torch.no_grad()
 def hooked_activations(model, texts: list[str], layer: int | str, batch_size: int = 32,
-                       max_length: int = 128) -> torch.Tensor:
-    """Activations at `layer` (see resolve_layer) of a SentenceTransformer for every non-padding
-    token, as a float32 (tokens, d_model) CPU tensor, captured by a forward hook; the rest of the
-    forward pass is skipped."""
-    transformer = model[0].auto_model
-    tokenizer = model.tokenizer
+                       max_length: int = 128, tokenizer=None) -> torch.Tensor:
+    """Activations at `layer` (see resolve_layer) of a SentenceTransformer (or a Hugging Face model
+    and its tokenizer) for every non-padding token, as a float32 (tokens, d_model) CPU tensor,
+    captured by a forward hook; the rest of the forward pass is skipped."""
+    transformer, tokenizer = transformer_and_tokenizer(model, tokenizer)
     _, module, use_input = resolve_layer(transformer, layer)
     device = next(transformer.parameters()).device
     captured: list[torch.Tensor] = []

@@ -62,6 +62,10 @@ def test_hook_captures_the_named_layer(default_model):
     torch.testing.assert_close(hooked_activations(default_model, texts, 3, batch_size=5), expected)
     assert torch.equal(hooked_activations(default_model, texts, "encoder.layer.2"), expected)
     assert torch.equal(hooked_activations(default_model, texts, 0), layer_activations(default_model, texts, 0))
+    plain_hugging_face = default_model[0].auto_model
+    assert torch.equal(hooked_activations(plain_hugging_face, texts, 3, tokenizer=default_model.tokenizer), expected)
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        hooked_activations(plain_hugging_face, texts, 3)
     with pytest.raises(ValueError, match="layer 'encoder.layer.9' is not a module of BertModel"):
         hooked_activations(default_model, texts, "encoder.layer.9")
     with pytest.raises(ValueError, match=r"layer must be in \[0, 6\]"):

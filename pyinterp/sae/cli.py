@@ -128,7 +128,7 @@ def demo(backend: str = "auto", texts: int = 400, steps: int = 60) -> list[float
         window = time.perf_counter()
         for _ in range(config.log_every):
             trainer.train_step()
-        metrics = trainer._collect_metrics(time.perf_counter() - window, config.log_every)
+        metrics = trainer.collect_metrics(time.perf_counter() - window, config.log_every)
         fvus.append(metrics["fvu"])
         print(f"step {metrics['step']:4d}  FVU {metrics['fvu']:.4f}  L0 {metrics['l0']:.1f}  "
               f"dead {metrics['dead_fraction']:.1%}  {metrics['tokens_per_s']:.0f} tokens/s")

@@ -127,10 +127,11 @@ class ShardSource(ActivationSource):
         return f"{len(self.paths)} shards in {self.folder} ({self.num_tokens} tokens x {self.d_model})"
 
 
-def harvest_model_activations(layer: int | str, *, model=None, texts: list[str] | None = None,
+def harvest_model_activations(layer: int | str, *, model=None, tokenizer=None, texts: list[str] | None = None,
                               batch_size: int = 32) -> TensorSource:
-    """Activations of a SentenceTransformer (default: the embedded all-MiniLM-L6-v2) at `layer` for
-    `texts` (default: the standard library's docstrings), through a forward hook (models.py)."""
+    """Activations of a SentenceTransformer (default: the embedded all-MiniLM-L6-v2), or of a Hugging
+    Face model with its tokenizer, at `layer` for `texts` (default: the standard library's
+    docstrings), through a forward hook (models.py)."""
     from pyinterp import models
 
     model = models.load_default_model() if model is None else model
@@ -139,9 +140,9 @@ def harvest_model_activations(layer: int | str, *, model=None, texts: list[str] 
         raise ValueError("texts: no text to run the model on")
     # Similar lengths share a batch, so little compute goes to padding (the stream shuffles anyway).
     by_length = sorted(texts, key=len)
-    activations = models.hooked_activations(model, by_length, layer, batch_size=batch_size)
-    return TensorSource(activations, f"layer {layer} of {type(model[0].auto_model).__name__} "
-                                     f"on {len(texts)} texts")
+    activations = models.hooked_activations(model, by_length, layer, batch_size=batch_size, tokenizer=tokenizer)
+    transformer, _ = models.transformer_and_tokenizer(model, tokenizer)
+    return TensorSource(activations, f"layer {layer} of {type(transformer).__name__} on {len(texts)} texts")
 
 
 class ShuffledStream:

@@ -54,7 +54,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         name = "TrainConfig"
-        for field in ("tokens", "batch_size", "grad_accumulation", "dead_after_tokens", "log_every"):
+        for field in ("tokens", "grad_accumulation", "dead_after_tokens", "log_every"):
             _validation.check_int(name, field, getattr(self, field), low=1)
         _validation.check_int(name, "batch_size", self.batch_size, low=2,
                               meaning="the FVU needs the variance of at least 2 tokens")
@@ -152,8 +152,9 @@ class Trainer:
         self.last_metrics: dict = {}
         self._metric_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # fvu, aux, L0
         self._metric_batches = 0
-        if resume:
-            self._load(self._read_checkpoint())
+        resume_from = self._read_checkpoint() if resume else None
+        if resume_from:
+            self._load_training_state(*resume_from)
         else:
             self._init_b_dec()
         self.model = sae
@@ -161,9 +162,8 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 sae, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = _adam(list(sae.parameters()), self.base_lr, config)
-        if resume:
-            self._load_optimizer(self._resume_tensors)
-            del self._resume_tensors
+        if resume_from:
+            self._load_optimizer(resume_from[0])
 
     # ---- data ----
     def _micro_batch_index(self, step: int, accumulation: int) -> int:
@@ -220,7 +220,7 @@ class Trainer:
             all_reduce_sum(dead)
         return dead.double() / self.sae.n_latents
 
-    def _collect_metrics(self, seconds: float, steps: int) -> dict:
+    def collect_metrics(self, seconds: float, steps: int) -> dict:
         """Means since the last call, reduced over ranks (the one host sync, every log_every steps)."""
         sums = torch.cat([self._metric_sums, self.dead_fraction()[None],
                           torch.tensor([self._metric_batches], dtype=torch.float64, device=self.device)])
@@ -255,7 +255,7 @@ class Trainer:
             if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
-                metrics = self._collect_metrics(time.perf_counter() - window_start, window_steps)
+                metrics = self.collect_metrics(time.perf_counter() - window_start, window_steps)
                 self.last_metrics = metrics
                 self._write_metrics(metrics)
                 bar.set_postfix({"tok/s": f"{metrics['tokens_per_s']:.0f}", "FVU": f"{metrics['fvu']:.4f}",
@@ -307,7 +307,7 @@ class Trainer:
         if self.context.is_main:
             write_sae_folder(self.out_dir, tensors, self.sae.sparsify_config())
 
-    def _read_checkpoint(self) -> dict:
+    def _read_checkpoint(self) -> tuple[dict[str, Tensor], dict]:
         if self.out_dir is None:
             raise ValueError("resume needs out_dir, the folder of the run to continue")
         tensors, state = checkpoint.read_checkpoint(self.out_dir)
@@ -324,11 +324,9 @@ class Trainer:
         if state["world_size"] != self.context.world_size and self.context.mode == "ddp":
             raise ValueError(f"resume: {self.context.world_size} data-parallel ranks but the checkpoint "
                              f"was written by {state['world_size']} (the data position depends on it)")
-        self._resume_tensors, self._resume_state = tensors, state
-        return state
+        return tensors, state
 
-    def _load(self, state: dict) -> None:
-        tensors = self._resume_tensors
+    def _load_training_state(self, tensors: dict[str, Tensor], state: dict) -> None:
         self.sae.import_tensors({name.removeprefix("sae."): t.to(self.device)
                                  for name, t in tensors.items() if name.startswith("sae.")})
         self.dead.tokens_since_fired.copy_(
