@@ -172,7 +172,10 @@ class Trainer:
         return (step * self.config.grad_accumulation + accumulation) * ranks + self.context.data_rank
 
     def _batch(self, step: int, accumulation: int) -> Tensor:
-        return self.stream.batch(self._micro_batch_index(step, accumulation)).to(self.device)
+        batch = self.stream.batch(self._micro_batch_index(step, accumulation))
+        if self.device.type == "cuda":  # an asynchronous copy: the host reads ahead while the GPU works
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
 
     def _init_b_dec(self) -> None:
         """b_dec from the mean of the whole first step (every micro-batch of every rank)."""
