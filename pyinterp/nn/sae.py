@@ -305,7 +305,7 @@ class BatchTopKSAE(TopKSAE):
         the threshold EMA and the saturation count on the device."""
         num_rows, cap = proposals.shape
         kept = min(self.k * num_rows, proposals.numel())
-        _, flat_positions = topk_lower_index_ties(proposals.reshape(-1).float(), kept)
+        _, flat_positions = topk_lower_index_ties(proposals.reshape(-1), kept)
         keep = torch.zeros(proposals.numel(), dtype=torch.bool, device=proposals.device)
         keep[flat_positions] = True
         keep = keep.reshape(num_rows, cap) & (proposals > 0)

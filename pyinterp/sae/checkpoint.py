@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -20,7 +21,12 @@ def _atomic(path: Path, write) -> None:
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        # safetensors writes owner-only files; keep the mode a plain open() gives (the umask's).
+        with open(temporary, "wb"):
+            pass
+        mode = stat.S_IMODE(os.stat(temporary).st_mode)
         write(temporary)
+        os.chmod(temporary, mode)
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)

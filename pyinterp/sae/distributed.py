@@ -129,7 +129,7 @@ class LatentShardedTopKSAE(TopKSAE):
         num_rows = local_values.shape[0]
         candidates = candidates.permute(1, 0, 2).reshape(num_rows, -1)
         global_indices = global_indices.permute(1, 0, 2).reshape(num_rows, -1)
-        _, positions = topk_lower_index_ties(candidates.float(), k)
+        _, positions = topk_lower_index_ties(candidates, k)
         values = candidates.gather(1, positions)
         indices = global_indices.gather(1, positions)
         own = positions // local_k == dist.get_rank()
