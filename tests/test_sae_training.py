@@ -239,7 +239,7 @@ def test_training_steps_match_float64_reference(backend):
     params, tokens_since_fired = reference_training(initial, batches, 5, 4, lr=3e-3, dead_after_tokens=32,
                                                     k_aux=6)
     assert (tokens_since_fired >= 32).any(), "AuxK must have been active"
-    for name, ours, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"), grads_of(sae) and
+    for name, ours, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"),
                                (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), params):
         torch.testing.assert_close(ours, ref.detach(), rtol=1e-7, atol=1e-9, msg=name)
     assert torch.equal(trainer.dead.tokens_since_fired, tokens_since_fired)

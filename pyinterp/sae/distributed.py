@@ -55,6 +55,8 @@ def parallel_context(mode: str) -> ParallelContext:
         if "RANK" not in os.environ:
             raise RuntimeError(f"parallel={mode!r} needs torch.distributed: launch with torchrun "
                                f"(e.g. torchrun --nproc-per-node 2 -m pyinterp train-sae ...)")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # NCCL works on the current device
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return ParallelContext(mode, dist.get_rank(), dist.get_world_size())
 

@@ -257,7 +257,7 @@ class Trainer:
             bar.update(1)
             if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                 if self.device.type == "cuda":
-                    torch.cuda.synchronize()
+                    torch.cuda.synchronize()  # the window's time must include its queued GPU work
                 metrics = self.collect_metrics(time.perf_counter() - window_start, window_steps)
                 self.last_metrics = metrics
                 self._write_metrics(metrics)
