@@ -65,3 +65,96 @@ def layer_activations(model, texts: list[str], layer: int, batch_size: int = 32)
         hidden = transformer(**batch, output_hidden_states=True).hidden_states[layer]
         chunks.append(hidden[batch["attention_mask"].bool()])
     return torch.cat(chunks)
+
+
+# More standard-library modules, for SAE training runs that want a larger corpus (~6k sentences).
+TRAINING_DOC_MODULES = DEFAULT_DOC_MODULES + (
+    "os", "re", "typing", "inspect", "io", "datetime", "decimal", "fractions", "random", "logging",
+    "unittest", "asyncio", "subprocess", "threading", "socket", "email.message", "http.client",
+    "urllib.parse", "zipfile", "tarfile", "tempfile", "difflib", "pprint", "enum", "dataclasses",
+    "contextlib", "abc", "codecs", "calendar", "glob", "fnmatch", "ipaddress", "uuid", "hashlib",
+    "base64", "struct", "array", "bisect", "copy", "operator", "numbers", "math", "cmath", "queue",
+    "sched", "selectors", "signal", "shlex", "configparser", "gettext", "locale", "mimetypes",
+    "optparse", "pickle", "platform", "sysconfig", "traceback", "warnings", "weakref", "zlib",
+    "gzip", "bz2", "lzma", "xml.dom.minidom", "html.parser", "ftplib", "smtplib", "imaplib",
+    "wave", "sqlite3", "multiprocessing", "concurrent.futures", "importlib", "pkgutil", "ast",
+    "tokenize", "dis", "types", "graphlib", "secrets", "hmac", "getopt", "filecmp", "stat",
+)
+
+
+def transformer_layers(transformer) -> tuple[str, torch.nn.ModuleList]:
+    """The name and ModuleList of a Hugging Face model's transformer blocks (num_hidden_layers long)."""
+    num_layers = transformer.config.num_hidden_layers
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return name, module
+    raise ValueError(f"could not find the {num_layers} transformer blocks of {type(transformer).__name__}")
+
+
+def resolve_layer(transformer, layer: int | str) -> tuple[str, torch.nn.Module, bool]:
+    """(description, module, use_input) for a layer given as an int (numbered as layer_activations:
+    0 = the embeddings, i = the output of block i) or as a module name ("encoder.layer.2").
+    use_input: hook the module's input instead of its output (layer 0 = the first block's input)."""
+    blocks_name, blocks = transformer_layers(transformer)
+    if isinstance(layer, int) or (isinstance(layer, str) and layer.isdigit()):
+        index = int(layer)
+        if not 0 <= index <= len(blocks):
+            raise ValueError(f"layer must be in [0, {len(blocks)}] for {type(transformer).__name__} "
+                             f"(0 = embeddings, i = output of block i), got {index}")
+        if index == 0:
+            return f"{blocks_name}.0 (input)", blocks[0], True
+        return f"{blocks_name}.{index - 1}", blocks[index - 1], False
+    modules = dict(transformer.named_modules())
+    if layer not in modules:
+        raise ValueError(f"layer {layer!r} is not a module of {type(transformer).__name__}; give an int "
+                         f"in [0, {len(blocks)}] or a module name such as {blocks_name}.0 ... "
+                         f"{blocks_name}.{len(blocks) - 1}")
+    return layer, modules[layer], False
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: layers after the hooked one need not run."""
+
+
+def transformer_and_tokenizer(model, tokenizer=None):
+    """(Hugging Face transformer, tokenizer) of a SentenceTransformer, or of a Hugging Face model
+    given with its tokenizer."""
+    if tokenizer is not None:
+        return model, tokenizer
+    if hasattr(model, "tokenizer") and hasattr(model, "__getitem__"):
+        return model[0].auto_model, model.tokenizer
+    raise ValueError(f"a {type(model).__name__} needs its tokenizer: pass tokenizer=...")
+
+
+@torch.no_grad()
+def hooked_activations(model, texts: list[str], layer: int | str, batch_size: int = 32,
+                       max_length: int = 128, tokenizer=None) -> torch.Tensor:
+    """Activations at `layer` (see resolve_layer) of a SentenceTransformer (or a Hugging Face model
+    and its tokenizer) for every non-padding token, as a float32 (tokens, d_model) CPU tensor,
+    captured by a forward hook; the rest of the forward pass is skipped."""
+    transformer, tokenizer = transformer_and_tokenizer(model, tokenizer)
+    _, module, use_input = resolve_layer(transformer, layer)
+    device = next(transformer.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def capture(_module, inputs, output=None):
+        hidden = inputs[0] if use_input else output
+        captured.append(hidden[0] if isinstance(hidden, tuple) else hidden)
+        raise _StopForward
+
+    handle = (module.register_forward_pre_hook(capture) if use_input
+              else module.register_forward_hook(capture))
+    chunks = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt").to(device)
+            captured.clear()
+            try:
+                transformer(**batch)
+            except _StopForward:
+                pass
+            chunks.append(captured[0][batch["attention_mask"].bool()].float().cpu())
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
