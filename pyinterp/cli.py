@@ -10,6 +10,7 @@ import sys
 COMMANDS = (
     ("info", "pyinterp.info"),
     ("demo", "pyinterp.demo"),
+    ("train-sae", "pyinterp.sae.cli"),
     ("bench", "pyinterp.bench"),
 )
 

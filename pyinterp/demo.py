@@ -76,6 +76,12 @@ def sae_section(args) -> None:
               f"{(values - values_ref).abs().max().item():9.2e} {(x_hat - x_hat_ref).abs().max().item():12.2e}")
 
 
+def training_section(args) -> None:
+    from pyinterp.sae.cli import demo
+
+    demo(backend="auto")
+
+
 def bench_section(args) -> None:
     """A short `pyinterp bench`: forward passes on the small shapes, against torch and the peers."""
     import argparse
@@ -91,7 +97,7 @@ def bench_section(args) -> None:
                                  bench_dir=bench.SOURCE_BENCHES))
 
 
-SECTIONS = (sae_section, bench_section)
+SECTIONS = (sae_section, training_section, bench_section)
 
 
 def run(args) -> int:
