@@ -1,0 +1,460 @@
+// CPU sparse products of the SAE decoder and of both SAE backwards (schemas in csrc/bindings.cpp):
+//   gather_sum       out[n]  = sum_j values[n,j] * weight[indices[n,j]] (+ bias)
+//   gather_dot       out[n,j] = <grad[n], weight[indices[n,j]]>
+//   sparse_t_matmul  weight_grad[i] = sum_{indices[n,j]=i} coef[n,j] * rows[n], coef_sum[i] likewise
+// Everything accumulates in fp32 (float64 for float64 inputs). Rows of fp16/bf16 matrices are widened
+// into a small per-thread buffer before the arithmetic, so that one set of vectorised fp32 loops serves
+// every dtype.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Row `row` of width D as acc_t: the row itself when it already is acc_t, else widened into buf.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* widen(const scalar_t* row, int64_t D, acc_t* buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return row;
+  } else {
+    for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<acc_t>(row[d]);
+    return buf;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void narrow_store(const acc_t* src, int64_t D, scalar_t* dst) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+}
+
+// The rows are taken kGroup at a time: one pass over acc (or over g) per group, and kGroup independent
+// row streams in flight, which is what the gathers are bound by (rows come from L3 / DRAM).
+constexpr int kGroup = 8;
+
+// acc += sum_q c[q] r[q] for G rows, summed in a fixed tree.
+template <int G, typename T>
+__attribute__((always_inline)) inline void axpy_rows(T* __restrict acc, const T* const* r, const T* c,
+                                                     int64_t D) {
+  if constexpr (G == kGroup) {
+    static_assert(kGroup == 8, "the tree below is written out for 8 rows");
+    const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5], *r6 = r[6], *r7 = r[7];
+    for (int64_t d = 0; d < D; ++d) {
+      acc[d] += ((c[0] * r0[d] + c[1] * r1[d]) + (c[2] * r2[d] + c[3] * r3[d])) +
+                ((c[4] * r4[d] + c[5] * r5[d]) + (c[6] * r6[d] + c[7] * r7[d]));
+    }
+  } else {
+    static_assert(G == 1);
+    const T* r0 = r[0];
+    for (int64_t d = 0; d < D; ++d) acc[d] += c[0] * r0[d];
+  }
+}
+
+// out[q] = <g, r[q]> for G rows: g is read once for all of them. Each dot keeps 8 partial sums (a
+// vector) so that it vectorises without reassociation flags; the partials and the D % 8 tail are then
+// added in a fixed order, so the result is deterministic.
+template <int G, typename T>
+__attribute__((always_inline)) inline void dot_rows(const T* __restrict g, const T* const* r, int64_t D,
+                                                    T* out) {
+  typedef T lanes_t __attribute__((vector_size(8 * sizeof(T))));
+  lanes_t s[G] = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    lanes_t gv;
+    std::memcpy(&gv, g + d, sizeof(gv));
+    for (int q = 0; q < G; ++q) {
+      lanes_t rv;
+      std::memcpy(&rv, r[q] + d, sizeof(rv));
+      s[q] += gv * rv;
+    }
+  }
+  for (int q = 0; q < G; ++q) {
+    T tail = 0;
+    for (int64_t t = d; t < D; ++t) tail += g[t] * r[q][t];
+    out[q] = (((s[q][0] + s[q][1]) + (s[q][2] + s[q][3])) + ((s[q][4] + s[q][5]) + (s[q][6] + s[q][7]))) +
+             tail;
+  }
+}
+
+// fp32 entry points, built for the baseline ISA and for AVX2+FMA (picked at load time); float64 (only
+// gradcheck) uses the templates directly.
+#define PYINTERP_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+PYINTERP_CLONES void axpy_group(float* acc, const float* const* r, const float* c, int64_t D) {
+  axpy_rows<kGroup>(acc, r, c, D);
+}
+PYINTERP_CLONES void axpy_one(float* acc, const float* const* r, const float* c, int64_t D) {
+  axpy_rows<1>(acc, r, c, D);
+}
+PYINTERP_CLONES void dot_group(const float* g, const float* const* r, int64_t D, float* out) {
+  dot_rows<kGroup>(g, r, D, out);
+}
+PYINTERP_CLONES void dot_one(const float* g, const float* const* r, int64_t D, float* out) {
+  dot_rows<1>(g, r, D, out);
+}
+#undef PYINTERP_CLONES
+void axpy_group(double* acc, const double* const* r, const double* c, int64_t D) {
+  axpy_rows<kGroup>(acc, r, c, D);
+}
+void axpy_one(double* acc, const double* const* r, const double* c, int64_t D) {
+  axpy_rows<1>(acc, r, c, D);
+}
+void dot_group(const double* g, const double* const* r, int64_t D, double* out) {
+  dot_rows<kGroup>(g, r, D, out);
+}
+void dot_one(const double* g, const double* const* r, int64_t D, double* out) {
+  dot_rows<1>(g, r, D, out);
+}
+
+// Reads indices[n, j] and checks it before anything is read through it.
+template <typename index_t>
+inline int64_t checked_index(const index_t* idx, int64_t n, int64_t j, int64_t k, int64_t M,
+                             const char* op, const char* what) {
+  const int64_t i = static_cast<int64_t>(idx[n * k + j]);
+  TORCH_CHECK(i >= 0 && i < M, op, ": indices[", n, ", ", j, "] = ", i, " is out of range [0, ", M,
+              ") (", what, ")");
+  return i;
+}
+
+// Rows per parallel chunk: at least ~16K multiply-adds, to amortise the dispatch.
+int64_t row_grain(int64_t row_cost) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_cost));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// gather_sum
+
+template <typename scalar_t, typename index_t>
+void gather_sum_kernel(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = values.size(0), k = values.size(1), M = weight.size(0), D = weight.size(1);
+  const acc_t* v = values.data_ptr<acc_t>();
+  const index_t* idx = indices.data_ptr<index_t>();
+  const scalar_t* w = weight.data_ptr<scalar_t>();
+  const acc_t* b = bias.has_value() ? bias->data_ptr<acc_t>() : nullptr;
+  scalar_t* o = out.data_ptr<scalar_t>();
+  constexpr bool direct = std::is_same_v<acc_t, scalar_t>;
+
+  at::parallel_for(0, N, row_grain(k * D), [&](int64_t n0, int64_t n1) {
+    std::vector<acc_t> acc_buf(direct ? 0 : D), stage(direct ? 0 : kGroup * D);
+    acc_t* s = stage.data();
+    for (int64_t n = n0; n < n1; ++n) {
+      acc_t* acc = acc_buf.data();
+      if constexpr (direct) acc = o + n * D;
+      if (b != nullptr) {
+        std::copy(b, b + D, acc);
+      } else {
+        std::fill(acc, acc + D, acc_t(0));
+      }
+      const acc_t* vn = v + n * k;
+      const acc_t* r[kGroup];
+      int64_t j = 0;
+      for (; j + kGroup <= k; j += kGroup) {
+        for (int q = 0; q < kGroup; ++q) {
+          const int64_t i = checked_index(idx, n, j + q, k, M, "gather_sum", "rows of weight");
+          r[q] = widen(w + i * D, D, s + q * D);
+        }
+        axpy_group(acc, r, vn + j, D);
+      }
+      for (; j < k; ++j) {
+        const int64_t i = checked_index(idx, n, j, k, M, "gather_sum", "rows of weight");
+        r[0] = widen(w + i * D, D, s);
+        axpy_one(acc, r, vn + j, D);
+      }
+      if constexpr (!direct) narrow_store(acc, D, o + n * D);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// gather_dot
+
+template <typename scalar_t, typename index_t>
+void gather_dot_kernel(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& weight,
+                       at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = grad.size(0), D = grad.size(1), k = indices.size(1), M = weight.size(0);
+  const scalar_t* g = grad.data_ptr<scalar_t>();
+  const index_t* idx = indices.data_ptr<index_t>();
+  const scalar_t* w = weight.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  constexpr bool direct = std::is_same_v<acc_t, scalar_t>;
+
+  at::parallel_for(0, N, row_grain(k * D), [&](int64_t n0, int64_t n1) {
+    std::vector<acc_t> stage(direct ? 0 : (kGroup + 1) * D);
+    acc_t* s = stage.data();
+    acc_t dots[kGroup];
+    for (int64_t n = n0; n < n1; ++n) {
+      const acc_t* gn = widen(g + n * D, D, s + kGroup * D);
+      const acc_t* r[kGroup];
+      int64_t j = 0;
+      for (; j + kGroup <= k; j += kGroup) {
+        for (int q = 0; q < kGroup; ++q) {
+          const int64_t i = checked_index(idx, n, j + q, k, M, "gather_dot", "rows of weight");
+          r[q] = widen(w + i * D, D, s + q * D);
+        }
+        dot_group(gn, r, D, dots);
+        for (int q = 0; q < kGroup; ++q) o[n * k + j + q] = static_cast<scalar_t>(dots[q]);
+      }
+      for (; j < k; ++j) {
+        const int64_t i = checked_index(idx, n, j, k, M, "gather_dot", "rows of weight");
+        r[0] = widen(w + i * D, D, s);
+        dot_one(gn, r, D, dots);
+        o[n * k + j] = static_cast<scalar_t>(dots[0]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// sparse_t_matmul
+
+// CSR of the (latent, n*k + j) pairs by a counting sort: offsets (M + 1) and the flat positions, each
+// latent's positions in increasing order (the fixed reduction order that makes the result deterministic).
+// The positions are split into `parts` contiguous ranges counted and scattered in parallel; part t's
+// entries of a latent go after those of parts < t, so the order is the serial one.
+template <typename index_t>
+void latent_csr(const index_t* idx, int64_t N, int64_t k, int64_t M, std::vector<int64_t>& offsets,
+                std::vector<int64_t>& positions) {
+  const int64_t total = N * k;
+  // A part costs a histogram of M counters: only worth it with several entries per counter.
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / (4 * std::max<int64_t>(M, 1))));
+  std::vector<int64_t> cursor(parts * M, 0);  // counts of part t, then where its next entry goes
+  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* count = cursor.data() + t * M;
+      for (int64_t p = total * t / parts; p < total * (t + 1) / parts; ++p) {
+        const int64_t i = static_cast<int64_t>(idx[p]);
+        TORCH_CHECK(i >= 0 && i < M, "sparse_t_matmul: indices[", p / k, ", ", p % k, "] = ", i,
+                    " is out of range [0, num_latents = ", M, ")");
+        ++count[i];
+      }
+    }
+  });
+  offsets.assign(M + 1, 0);
+  for (int64_t i = 0; i < M; ++i) {
+    int64_t next = offsets[i];
+    for (int64_t t = 0; t < parts; ++t) {
+      const int64_t c = cursor[t * M + i];
+      cursor[t * M + i] = next;
+      next += c;
+    }
+    offsets[i + 1] = next;
+  }
+  positions.resize(total);
+  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* next = cursor.data() + t * M;
+      for (int64_t p = total * t / parts; p < total * (t + 1) / parts; ++p) positions[next[idx[p]]++] = p;
+    }
+  });
+}
+
+template <typename scalar_t, typename index_t>
+void sparse_t_matmul_kernel(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& rows,
+                            int64_t M, at::Tensor& weight_grad, at::Tensor& coef_sum) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = rows.size(0), D = rows.size(1), k = indices.size(1);
+  const acc_t* c = coef.data_ptr<acc_t>();
+  const scalar_t* x = rows.data_ptr<scalar_t>();
+  scalar_t* wg = weight_grad.data_ptr<scalar_t>();
+  acc_t* cs = coef_sum.data_ptr<acc_t>();
+  constexpr bool direct = std::is_same_v<acc_t, scalar_t>;
+
+  std::vector<int64_t> offsets, positions;
+  latent_csr(indices.data_ptr<index_t>(), N, k, M, offsets, positions);
+  const int64_t* off = offsets.data();
+  const int64_t* pos = positions.data();
+
+  // Latent counts are skewed (a few latents fire often), so split the latents into pieces of equal
+  // work rather than equal count: latent i costs its entries plus one row written.
+  const int64_t pieces = std::min<int64_t>(M, 16 * at::get_num_threads());
+  const int64_t work = N * k + M;
+  std::vector<int64_t> cut(pieces + 1, M);
+  cut[0] = 0;
+  for (int64_t q = 1; q < pieces; ++q) {
+    const int64_t target = work * q / pieces;
+    int64_t lo = cut[q - 1], hi = M;  // first latent i with off[i] + i >= target
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (off[mid] + mid >= target) hi = mid; else lo = mid + 1;
+    }
+    cut[q] = lo;
+  }
+
+  at::parallel_for(0, pieces, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<acc_t> acc_buf(direct ? 0 : D), stage(direct ? 0 : kGroup * D);
+    acc_t* s = stage.data();
+    for (int64_t i = cut[q0]; i < cut[q1]; ++i) {
+      acc_t* acc = acc_buf.data();
+      if constexpr (direct) acc = wg + i * D;
+      std::fill(acc, acc + D, acc_t(0));
+      acc_t sum = 0;
+      const acc_t* r[kGroup];
+      acc_t cq[kGroup];
+      int64_t e = off[i];
+      const int64_t end = off[i + 1];
+      for (; e + kGroup <= end; e += kGroup) {
+        for (int q = 0; q < kGroup; ++q) {
+          const int64_t p = pos[e + q];
+          cq[q] = c[p];
+          sum += cq[q];
+          r[q] = widen(x + (p / k) * D, D, s + q * D);
+        }
+        axpy_group(acc, r, cq, D);
+      }
+      for (; e < end; ++e) {
+        const int64_t p = pos[e];
+        cq[0] = c[p];
+        sum += cq[0];
+        r[0] = widen(x + (p / k) * D, D, s);
+        axpy_one(acc, r, cq, D);
+      }
+      cs[i] = sum;
+      if constexpr (!direct) narrow_store(acc, D, wg + i * D);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// argument checks and dispatch
+
+bool is_float_dtype(c10::ScalarType s) {
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
+}
+
+void check_matrix(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+}
+
+void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name, " must be float32, float16, bfloat16 ",
+              "or float64, got ", t.scalar_type());
+}
+
+// indices must be an (N, k) int32/int64 matrix with the shape of `like`.
+void check_indices(const at::Tensor& indices, const at::Tensor& like, const char* op,
+                   const char* like_name) {
+  check_matrix(indices, op, "indices");
+  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
+              ": indices must be int32 or int64, got ", indices.scalar_type());
+  TORCH_CHECK(indices.sizes() == like.sizes(), op, ": indices must have the shape of ", like_name,
+              " ", like.sizes(), ", got ", indices.sizes());
+}
+
+void check_same_dtype(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
+                      const char* like_name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but ", like_name, " has ", like.scalar_type(), "; they must match");
+}
+
+at::ScalarType acc_dtype(c10::ScalarType s) {
+  return s == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor gather_sum_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias) {
+  const char* op = "gather_sum";
+  check_matrix(values, op, "values");
+  check_float(values, op, "values");
+  check_indices(indices, values, op, "values");
+  check_matrix(weight, op, "weight");
+  check_same_dtype(weight, values, op, "weight", "values");
+  const int64_t D = weight.size(1);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got ", bias->device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == D, op, ": bias must have shape (D,) = (", D,
+                ",) with D = weight.size(1), got ", bias->sizes());
+    check_float(*bias, op, "bias");
+  }
+  at::Tensor out = at::empty({values.size(0), D}, values.options());
+  if (out.numel() == 0) return out;
+  // The small operands are widened once; weight is read in place (a row at a time).
+  const auto acc = acc_dtype(values.scalar_type());
+  const at::Tensor v = values.to(acc).contiguous();
+  c10::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->to(acc).contiguous();
+  const at::Tensor idx = indices.contiguous(), w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "gather_sum", [&] {
+    if (idx.scalar_type() == at::kInt) {
+      gather_sum_kernel<scalar_t, int32_t>(v, idx, w, b, out);
+    } else {
+      gather_sum_kernel<scalar_t, int64_t>(v, idx, w, b, out);
+    }
+  });
+  return out;
+}
+
+at::Tensor gather_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& weight) {
+  const char* op = "gather_dot";
+  check_matrix(grad, op, "grad");
+  check_float(grad, op, "grad");
+  check_matrix(indices, op, "indices");
+  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
+              ": indices must be int32 or int64, got ", indices.scalar_type());
+  TORCH_CHECK(indices.size(0) == grad.size(0), op, ": indices must have one row per row of grad (",
+              grad.size(0), "), got shape ", indices.sizes());
+  check_matrix(weight, op, "weight");
+  check_same_dtype(weight, grad, op, "weight", "grad");
+  TORCH_CHECK(weight.size(1) == grad.size(1), op, ": weight must be (M, D) with D = grad.size(1) = ",
+              grad.size(1), ", got shape ", weight.sizes());
+  at::Tensor out = at::empty({grad.size(0), indices.size(1)}, grad.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor g = grad.contiguous(), idx = indices.contiguous(), w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gather_dot", [&] {
+    if (idx.scalar_type() == at::kInt) {
+      gather_dot_kernel<scalar_t, int32_t>(g, idx, w, out);
+    } else {
+      gather_dot_kernel<scalar_t, int64_t>(g, idx, w, out);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_t_matmul_cpu(const at::Tensor& coef, const at::Tensor& indices,
+                                                       const at::Tensor& rows, int64_t num_latents) {
+  const char* op = "sparse_t_matmul";
+  check_matrix(coef, op, "coef");
+  check_float(coef, op, "coef");
+  check_indices(indices, coef, op, "coef");
+  check_matrix(rows, op, "rows");
+  check_float(rows, op, "rows");
+  TORCH_CHECK(rows.size(0) == coef.size(0), op, ": rows must have one row per row of coef (",
+              coef.size(0), "), got shape ", rows.sizes());
+  TORCH_CHECK(num_latents >= 0, op, ": num_latents must be >= 0, got ", num_latents);
+  const auto acc = acc_dtype(rows.scalar_type());
+  at::Tensor weight_grad = at::empty({num_latents, rows.size(1)}, rows.options());
+  at::Tensor coef_sum = at::empty({num_latents}, rows.options().dtype(acc));
+  if (num_latents == 0) {
+    TORCH_CHECK(indices.numel() == 0, op, ": indices must be empty when num_latents = 0");
+    return {weight_grad, coef_sum};
+  }
+  const at::Tensor c = coef.to(acc).contiguous();
+  const at::Tensor idx = indices.contiguous(), x = rows.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "sparse_t_matmul", [&] {
+    if (idx.scalar_type() == at::kInt) {
+      sparse_t_matmul_kernel<scalar_t, int32_t>(c, idx, x, num_latents, weight_grad, coef_sum);
+    } else {
+      sparse_t_matmul_kernel<scalar_t, int64_t>(c, idx, x, num_latents, weight_grad, coef_sum);
+    }
+  });
+  return {weight_grad, coef_sum};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyinterp, CPU, m) {
+  m.impl("gather_sum", &gather_sum_cpu);
+  m.impl("gather_dot", &gather_dot_cpu);
+  m.impl("sparse_t_matmul", &sparse_t_matmul_cpu);
+}

@@ -1,0 +1,384 @@
+// CPU top-k SAE encoder (pyinterp::topk_encode_forward, schema in csrc/bindings.cpp).
+// z = (x - b_dec) @ W_enc^T + b_enc is computed a block of rows x a tile of latents at a time (one
+// single-threaded BLAS call; threads split the row blocks) and each row of the tile is streamed into
+// a running top-k, so the N x M pre-activations never exist: memory is O(threads x tile).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// Tuned on 2 cores at N=4096, D=384, M=16384, k=32 (fp32): a 128 x 2048 fp32 tile is 1 MiB, it stays
+// in L2 between the GEMM that writes it and the top-k scan that reads it.
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kLatentTile = 2048;
+// The scan tests this many pre-activations against the threshold at once.
+constexpr int64_t kScanChunk = 16;
+
+// Whether some v = z[l] + bias[l], l < kScanChunk, passes `!(v <= thr)` (NaN passes): a few vector
+// compares for the common case, a chunk with nothing to offer.
+template <typename T>
+inline bool chunk_passes(const T* z, const T* bias, T thr) {
+  typedef T vec_t __attribute__((vector_size(16)));
+  constexpr int64_t lanes = 16 / sizeof(T);
+  vec_t t;
+  for (int64_t l = 0; l < lanes; ++l) t[l] = thr;
+  using mask_t = decltype(t <= t);
+  mask_t rejected = ~mask_t{};
+  for (int64_t l = 0; l < kScanChunk; l += lanes) {
+    vec_t zv, bv;
+    std::memcpy(&zv, z + l, sizeof(zv));
+    std::memcpy(&bv, bias + l, sizeof(bv));
+    rejected &= (zv + bv) <= t;
+  }
+  uint64_t words[2];
+  std::memcpy(words, &rejected, sizeof(words));
+  return (words[0] & words[1]) != ~uint64_t{0};
+}
+
+// The top-k order: larger value first, NaN above everything (as torch.topk), equal values -> lower
+// index. A candidate is a key; `a > b` in key order means a ranks before b.
+template <typename T>
+struct Keys;
+
+// fp32: (value, index) packed in one uint64 so that ranking, cutting and sorting are integer compares.
+// High half: the float's bits mapped to an unsigned that orders like the float (-0 folded into +0, every
+// NaN the largest); low half: ~index, so that the lower index wins a tie.
+template <>
+struct Keys<float> {
+  using key_t = uint64_t;
+  static key_t make(float v, int32_t i) {
+    uint32_t u;
+    const float folded = v + 0.0f;
+    std::memcpy(&u, &folded, sizeof(u));
+    u = std::isnan(v) ? 0xFFFFFFFFu : ((u & 0x80000000u) ? ~u : (u | 0x80000000u));
+    return (static_cast<uint64_t>(u) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(i));
+  }
+  static float value(key_t key) {
+    const uint32_t u = static_cast<uint32_t>(key >> 32);
+    if (u == 0xFFFFFFFFu) return std::numeric_limits<float>::quiet_NaN();
+    const uint32_t bits = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;
+    float v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+  static int32_t index(key_t key) { return static_cast<int32_t>(~static_cast<uint32_t>(key)); }
+  static bool better(key_t a, key_t b) { return a > b; }
+};
+
+// float64 (gradcheck only): a plain pair and the comparison spelled out.
+template <>
+struct Keys<double> {
+  struct key_t {
+    double v;
+    int32_t i;
+  };
+  static key_t make(double v, int32_t i) { return {v, i}; }
+  static double value(const key_t& key) { return key.v; }
+  static int32_t index(const key_t& key) { return key.i; }
+  static bool better(const key_t& a, const key_t& b) {
+    const bool a_nan = std::isnan(a.v), b_nan = std::isnan(b.v);
+    if (a_nan || b_nan) return a_nan && (!b_nan || a.i < b.i);
+    return a.v > b.v || (a.v == b.v && a.i < b.i);
+  }
+};
+
+// Running top-k of a block of rows. Candidates of a row arrive in increasing latent index, so a newcomer
+// equal in value to the current k-th best loses the tie: one `v <= thr` rejects it. Accepted candidates
+// pile up in a buffer of `cap` slots that is cut back to the best k (nth_element) when it fills; the
+// k-th best after a cut is the new threshold. `extra` slots per row are left for finish_with().
+template <typename T>
+class RunningTopK {
+ public:
+  using K = Keys<T>;
+  using key_t = typename K::key_t;
+
+  RunningTopK(int64_t rows, int64_t k, int64_t cap, int64_t extra)
+      : k_(k), cap_(cap), stride_(cap + extra), buf_(rows * stride_), count_(rows), thr_(rows),
+        thr_v_(rows), has_thr_(rows) {}
+
+  void reset(int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      count_[r] = 0;
+      has_thr_[r] = 0;
+      // NaN makes every `v <= thr` false: all candidates reach offer() until the first cut.
+      thr_v_[r] = std::numeric_limits<T>::quiet_NaN();
+    }
+  }
+
+  // z[j] + bias[j] for latents base + j, j in [0, len).
+  void push_dense(int64_t r, const T* __restrict z, const T* __restrict bias, int32_t base,
+                  int64_t len) {
+    T thr = thr_v_[r];
+    int64_t j = 0;
+    for (; j + kScanChunk <= len; j += kScanChunk) {
+      if (!chunk_passes(z + j, bias + j, thr)) continue;
+      for (int64_t l = 0; l < kScanChunk; ++l) {
+        const T v = z[j + l] + bias[j + l];
+        if (!(v <= thr)) {
+          offer(r, v, base + static_cast<int32_t>(j + l));
+          thr = thr_v_[r];
+        }
+      }
+    }
+    for (; j < len; ++j) {
+      const T v = z[j] + bias[j];
+      if (!(v <= thr)) {
+        offer(r, v, base + static_cast<int32_t>(j));
+        thr = thr_v_[r];
+      }
+    }
+  }
+
+  // Only the latents in idx[0, n) (increasing, global indices); z is the tile starting at latent base
+  // and bias is indexed globally.
+  void push_list(int64_t r, const T* __restrict z, const T* __restrict bias,
+                 const int32_t* __restrict idx, int64_t n, int32_t base) {
+    T thr = thr_v_[r];
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t i = idx[j];
+      const T v = z[i - base] + bias[i];
+      if (!(v <= thr)) {
+        offer(r, v, i);
+        thr = thr_v_[r];
+      }
+    }
+  }
+
+  // The best `out_k` of row r together with `fill` (extra candidates), best first.
+  const key_t* finish_with(int64_t r, int64_t out_k, const std::vector<key_t>& fill) {
+    key_t* b = row(r);
+    const int64_t n = count_[r] + static_cast<int64_t>(fill.size());
+    TORCH_INTERNAL_ASSERT(n <= stride_ && n >= out_k);
+    std::copy(fill.begin(), fill.end(), b + count_[r]);
+    std::nth_element(b, b + out_k - 1, b + n, K::better);
+    std::sort(b, b + out_k, K::better);
+    return b;
+  }
+
+ private:
+  key_t* row(int64_t r) { return buf_.data() + r * stride_; }
+
+  void offer(int64_t r, T v, int32_t i) {
+    const key_t c = K::make(v, i);
+    // A NaN threshold (none yet, or a NaN k-th best) lets everything through the fast test.
+    if (has_thr_[r] && !K::better(c, thr_[r])) return;
+    key_t* b = row(r);
+    b[count_[r]++] = c;
+    if (count_[r] == cap_) {
+      std::nth_element(b, b + k_ - 1, b + cap_, K::better);
+      count_[r] = k_;
+      thr_[r] = b[k_ - 1];
+      thr_v_[r] = K::value(b[k_ - 1]);
+      has_thr_[r] = 1;
+    }
+  }
+
+  int64_t k_, cap_, stride_;
+  std::vector<key_t> buf_;
+  std::vector<int64_t> count_;
+  std::vector<key_t> thr_;
+  std::vector<T> thr_v_;
+  std::vector<uint8_t> has_thr_;
+};
+
+// Buffer slots for a running top-k over `universe` candidates: twice k (amortised O(1) cuts) but never
+// more than the candidates themselves.
+int64_t buffer_cap(int64_t k, int64_t universe) {
+  return std::max<int64_t>(k, std::min<int64_t>(k + std::max<int64_t>(k, 32), universe));
+}
+
+template <typename T>
+inline T relu(T v) {
+  return std::isnan(v) ? v : (v > T(0) ? v : T(0));
+}
+
+template <typename scalar_t, typename acc_t>
+void encode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b_enc,
+            const c10::optional<at::Tensor>& b_dec, int64_t k, const std::vector<int32_t>& dead,
+            const std::vector<int32_t>& live_fill, int64_t k_aux, at::Tensor& values,
+            at::Tensor& indices, at::Tensor& aux_values, at::Tensor& aux_indices) {
+  const int64_t N = x.size(0), D = x.size(1), M = W.size(0);
+  const int64_t threads = at::get_num_threads();
+  // Small batches: shrink the block so that every thread still gets rows.
+  const int64_t rb = std::max<int64_t>(1, std::min(kRowBlock, (N + threads - 1) / threads));
+  const int64_t tile = std::min(kLatentTile, M);
+  const int64_t blocks = (N + rb - 1) / rb;
+  const int64_t tiles = (M + tile - 1) / tile;
+
+  // dead[tile_dead[t], tile_dead[t + 1]) are the dead latents of tile t.
+  std::vector<int64_t> tile_dead(tiles + 1);
+  for (int64_t t = 0; t <= tiles; ++t) {
+    const int64_t start = std::min(t * tile, M);
+    tile_dead[t] = std::lower_bound(dead.begin(), dead.end(), start) - dead.begin();
+  }
+  // Live latents count as -inf in the aux top-k; as -inf ties go to the lower index, only the first
+  // k_aux live latents can make it.
+  using K = Keys<acc_t>;
+  std::vector<typename K::key_t> aux_fill;
+  for (int32_t i : live_fill) aux_fill.push_back(K::make(-std::numeric_limits<acc_t>::infinity(), i));
+  const std::vector<typename K::key_t> no_fill;
+
+  const acc_t* bias = b_enc.data_ptr<acc_t>();
+  scalar_t* out_v = values.data_ptr<scalar_t>();
+  int32_t* out_i = indices.data_ptr<int32_t>();
+  scalar_t* aux_v = aux_values.data_ptr<scalar_t>();
+  int32_t* aux_i = aux_indices.data_ptr<int32_t>();
+  const int64_t n_dead = static_cast<int64_t>(dead.size());
+
+  at::parallel_for(0, blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor xt_buf = at::empty({rb * D}, opts);
+    at::Tensor z_buf = at::empty({rb * tile}, opts);
+    RunningTopK<acc_t> top(rb, k, buffer_cap(k, M), 0);
+    RunningTopK<acc_t> aux(k_aux > 0 ? rb : 0, k_aux, buffer_cap(k_aux, n_dead),
+                           static_cast<int64_t>(aux_fill.size()));
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const int64_t r0 = blk * rb, nr = std::min(rb, N - r0);
+      at::Tensor xt = xt_buf.narrow(0, 0, nr * D).view({nr, D});
+      if (b_dec.has_value()) {
+        at::sub_out(xt, x.narrow(0, r0, nr), *b_dec);
+      } else {
+        xt.copy_(x.narrow(0, r0, nr));
+      }
+      top.reset(nr);
+      if (k_aux > 0) aux.reset(nr);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t l0 = t * tile, len = std::min(tile, M - l0);
+        at::Tensor z = z_buf.narrow(0, 0, nr * len).view({nr, len});
+        at::mm_out(z, xt, W.narrow(0, l0, len).t());
+        const acc_t* zp = z.data_ptr<acc_t>();
+        const int32_t base = static_cast<int32_t>(l0);
+        for (int64_t r = 0; r < nr; ++r) {
+          top.push_dense(r, zp + r * len, bias + l0, base, len);
+          if (k_aux > 0) {
+            aux.push_list(r, zp + r * len, bias, dead.data() + tile_dead[t],
+                          tile_dead[t + 1] - tile_dead[t], base);
+          }
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const auto* best = top.finish_with(r, k, no_fill);
+        const int64_t o = (r0 + r) * k;
+        for (int64_t j = 0; j < k; ++j) {
+          out_v[o + j] = static_cast<scalar_t>(relu(K::value(best[j])));
+          out_i[o + j] = K::index(best[j]);
+        }
+        if (k_aux > 0) {
+          const auto* best_aux = aux.finish_with(r, k_aux, aux_fill);
+          const int64_t oa = (r0 + r) * k_aux;
+          for (int64_t j = 0; j < k_aux; ++j) {
+            aux_v[oa + j] = static_cast<scalar_t>(relu(K::value(best_aux[j])));
+            aux_i[oa + j] = K::index(best_aux[j]);
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "topk_encode_forward: ", name, " must be a CPU tensor, got ",
+              t.device());
+}
+
+bool is_float_dtype(c10::ScalarType s) {
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_forward_cpu(
+    const at::Tensor& x, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
+    const c10::optional<at::Tensor>& b_dec, int64_t k, const c10::optional<at::Tensor>& dead_mask,
+    int64_t k_aux) {
+  check_cpu(x, "x");
+  check_cpu(W_enc, "W_enc");
+  TORCH_CHECK(x.dim() == 2, "topk_encode_forward: x must be 2-D (N, D), got shape ", x.sizes());
+  TORCH_CHECK(W_enc.dim() == 2, "topk_encode_forward: W_enc must be 2-D (M, D), got shape ",
+              W_enc.sizes());
+  TORCH_CHECK(is_float_dtype(x.scalar_type()), "topk_encode_forward: x must be float32, float16, ",
+              "bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK(is_float_dtype(W_enc.scalar_type()), "topk_encode_forward: W_enc must be float32, ",
+              "float16, bfloat16 or float64, got ", W_enc.scalar_type());
+  const int64_t N = x.size(0), D = x.size(1), M = W_enc.size(0);
+  TORCH_CHECK(W_enc.size(1) == D, "topk_encode_forward: W_enc must be (M, D) with D = x.size(1) = ",
+              D, ", got shape ", W_enc.sizes());
+  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(),
+              "topk_encode_forward: at most 2^31 - 1 latents (int32 indices), W_enc has ", M);
+  TORCH_CHECK(k >= 1 && k <= M, "topk_encode_forward: k must be in [1, M = ", M, "], got ", k);
+  TORCH_CHECK(k_aux >= 0 && k_aux <= M, "topk_encode_forward: k_aux must be in [0, M = ", M,
+              "], got ", k_aux);
+  if (b_enc.has_value()) {
+    check_cpu(*b_enc, "b_enc");
+    TORCH_CHECK(b_enc->dim() == 1 && b_enc->size(0) == M, "topk_encode_forward: b_enc must have ",
+                "shape (M,) = (", M, ",), got ", b_enc->sizes());
+    TORCH_CHECK(is_float_dtype(b_enc->scalar_type()), "topk_encode_forward: b_enc must be a ",
+                "floating tensor, got ", b_enc->scalar_type());
+  }
+  if (b_dec.has_value()) {
+    check_cpu(*b_dec, "b_dec");
+    TORCH_CHECK(b_dec->dim() == 1 && b_dec->size(0) == D, "topk_encode_forward: b_dec must have ",
+                "shape (D,) = (", D, ",), got ", b_dec->sizes());
+    TORCH_CHECK(is_float_dtype(b_dec->scalar_type()), "topk_encode_forward: b_dec must be a ",
+                "floating tensor, got ", b_dec->scalar_type());
+  }
+  if (dead_mask.has_value()) {
+    check_cpu(*dead_mask, "dead_mask");
+    TORCH_CHECK(dead_mask->scalar_type() == at::kBool, "topk_encode_forward: dead_mask must be ",
+                "bool, got ", dead_mask->scalar_type());
+    TORCH_CHECK(dead_mask->dim() == 1 && dead_mask->size(0) == M, "topk_encode_forward: ",
+                "dead_mask must have shape (M,) = (", M, ",), got ", dead_mask->sizes());
+  }
+  TORCH_CHECK(k_aux == 0 || dead_mask.has_value(), "topk_encode_forward: k_aux = ", k_aux,
+              " needs dead_mask");
+
+  at::Tensor values = at::empty({N, k}, x.options());
+  at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kInt));
+  at::Tensor aux_values = at::empty({N, k_aux}, x.options());
+  at::Tensor aux_indices = at::empty({N, k_aux}, x.options().dtype(at::kInt));
+  if (N == 0) return {values, indices, aux_values, aux_indices};
+
+  std::vector<int32_t> dead, live_fill;
+  if (k_aux > 0) {
+    const at::Tensor mask = dead_mask->contiguous();
+    const bool* m = mask.data_ptr<bool>();
+    for (int64_t i = 0; i < M; ++i) {
+      if (m[i]) {
+        dead.push_back(static_cast<int32_t>(i));
+      } else if (static_cast<int64_t>(live_fill.size()) < k_aux) {
+        live_fill.push_back(static_cast<int32_t>(i));
+      }
+    }
+  }
+
+  // fp32 for fp32/fp16/bf16 inputs, float64 for float64 (gradcheck).
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // Converted once (no-ops when already contiguous in the compute dtype), not per tile. Detached:
+  // the worker threads run with grad mode on, and ATen's out= ops refuse inputs that require grad.
+  const at::Tensor xc = x.detach().contiguous();
+  const at::Tensor W = W_enc.detach().to(acc_type).contiguous();
+  const at::Tensor bias = b_enc.has_value() ? b_enc->detach().to(acc_type).contiguous()
+                                            : at::zeros({M}, x.options().dtype(acc_type));
+  c10::optional<at::Tensor> center;
+  if (b_dec.has_value()) center = b_dec->detach().to(acc_type).contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_encode_forward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    encode<scalar_t, acc_t>(xc, W, bias, center, k, dead, live_fill, k_aux, values, indices,
+                            aux_values, aux_indices);
+  });
+  return {values, indices, aux_values, aux_indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyinterp, CPU, m) {
+  m.impl("topk_encode_forward", &topk_encode_forward_cpu);
+}
