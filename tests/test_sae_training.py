@@ -17,7 +17,7 @@ from pyinterp.nn import BatchTopKSAE, TopKSAE
 from pyinterp.sae import DeadLatents, ShardSource, TensorSource, TrainConfig, Trainer, build_sae
 from pyinterp.sae import checkpoint
 from pyinterp.sae import cli as sae_cli
-from sae_helpers import correlated_activations, dense_reference_loss, require_backend, training_backends
+from sae_helpers import correlated_activations, dense_reference_loss, training_backends
 
 torch.set_num_threads(1)
 
@@ -50,7 +50,6 @@ def test_init_follows_the_spec():
 @pytest.mark.parametrize("backend", training_backends())
 @pytest.mark.parametrize("num_dead", [0, 7, 40])
 def test_loss_and_gradients_match_float64_dense_reference(backend, num_dead):
-    require_backend(backend)
     sae = make_sae(backend, k_aux=6)
     x = correlated_activations(33, 12, seed=4).double()
     sae.init_b_dec(x[:16])
@@ -74,7 +73,6 @@ def test_loss_and_gradients_match_float64_dense_reference(backend, num_dead):
 @pytest.mark.parametrize("backend", training_backends())
 def test_relu_mask_bug_is_caught(backend):
     """Trap 1: with fewer than k positive pre-activations, the negative selected ones get no gradient."""
-    require_backend(backend)
     sae = make_sae(backend)
     x = correlated_activations(20, 12, seed=5).double()
     with torch.no_grad():
@@ -91,7 +89,6 @@ def test_relu_mask_bug_is_caught(backend):
 @pytest.mark.parametrize("backend", training_backends())
 def test_aux_gradient_reaching_the_encoder_is_checked(backend):
     """Trap 2: AuxK must train the dead latents' encoder rows, not only their decoder rows."""
-    require_backend(backend)
     sae = make_sae(backend, k_aux=6)
     x = correlated_activations(24, 12, seed=6).double()
     sae.init_b_dec(x)
@@ -109,7 +106,6 @@ def test_aux_gradient_reaching_the_encoder_is_checked(backend):
 @pytest.mark.parametrize("backend", training_backends())
 def test_b_dec_added_twice_in_aux_is_caught(backend):
     """Trap 3: e = x - x_hat already contains b_dec; e_hat must not add it again."""
-    require_backend(backend)
     sae = make_sae(backend, k_aux=6)
     x = correlated_activations(24, 12, seed=7, offset=3.0).double()
     sae.init_b_dec(x)
@@ -226,7 +222,6 @@ def reference_training(sae, batches_per_step, steps, k, *, lr, dead_after_tokens
 
 @pytest.mark.parametrize("backend", training_backends())
 def test_training_steps_match_float64_reference(backend):
-    require_backend(backend)
     sae = make_sae(backend, k_aux=6)
     config = TrainConfig(tokens=10**6, batch_size=16, grad_accumulation=2, lr=3e-3, dead_after_tokens=32,
                          progress=False)
