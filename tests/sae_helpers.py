@@ -2,10 +2,8 @@
 loss (sae.md, with switches that reintroduce the popular libraries' bugs), and small sources."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-import pyinterp
 from helpers import kernel_backends
 
 
