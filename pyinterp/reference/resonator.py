@@ -211,7 +211,9 @@ def resonator(s: torch.Tensor, codebooks: Sequence[torch.Tensor], *, max_iters: 
     nonlinearity = phasor if phasors else (sgn if sign_rule else (lambda p: p))
     scale = similarity_scale(noise)
 
-    estimates = [nonlinearity(x.sum(0, keepdim=True)).expand(batch, dim).clone() for x in projection]
+    # the superposition init is sgn (phasor) for every activation, the attention rule included
+    initial = phasor if phasors else sgn
+    estimates = [initial(x.sum(0, keepdim=True)).expand(batch, dim).clone() for x in projection]
     is_known = torch.zeros(batch, factors, dtype=torch.bool, device=device)
     if known is not None:
         is_known = known >= 0
