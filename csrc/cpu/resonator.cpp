@@ -55,48 +55,72 @@ struct Codebook {
   int64_t groups = 0;  // ceil(M_f / 4): 4 codevectors per VNNI dot product
   std::vector<uint64_t> similarity_columns;  // [words][size8]: word w of similarity codevector m
   std::vector<uint64_t> projection_rows;     // [size][words]
-  std::vector<uint8_t> projection_tiles;     // [D / 16][groups][16 d][4 m]: 1 where X[m, d] = -1
+  // [blocks / 8][groups][8 blocks]: bit 4 * lane + r of tile (block, g) is b[4 g + r, 16 block + lane],
+  // the byte order of a VNNI dot product; the 8 tiles of one group share a cache line.
+  std::vector<uint64_t> projection_tiles;
   std::vector<uint64_t> superposition;       // [words]: sgn(sum_m X[m]) with ties to +1
 };
 
 struct Shape {
   int64_t dim;     // D
-  int64_t words;   // ceil(D / 64)
-  int64_t blocks;  // ceil(D / 16)
-  int64_t padded;  // words * 64: the length of every per-d buffer
+  int64_t words;   // ceil(D / 64): packed words of a vector
+  int64_t padded;  // D rounded up to 128: the length of every per-d buffer
+  int64_t blocks;  // padded / 16, a multiple of 8: blocks of 16 d in the projection tiles
 };
 
-inline bool negative(const int8_t* row, int64_t d) { return row[d] < 0; }
+// Packs the signs of a +-1 row; returns false if it holds any other value.
+bool pack_row(const int8_t* row, const Shape& shape, uint64_t* out) {
+  bool bipolar = true;
+  for (int64_t w = 0; w < shape.words; ++w) {
+    uint64_t bits = 0;
+    const int64_t end = std::min<int64_t>(64, shape.dim - w * 64);
+    for (int64_t b = 0; b < end; ++b) {
+      const int8_t value = row[w * 64 + b];
+      bipolar = bipolar && (value == 1 || value == -1);
+      bits |= static_cast<uint64_t>(value < 0) << b;
+    }
+    out[w] = bits;
+  }
+  return bipolar;
+}
 
-void pack_row(const int8_t* row, const Shape& shape, uint64_t* out) {
-  std::fill(out, out + shape.words, 0);
-  for (int64_t d = 0; d < shape.dim; ++d)
-    out[d >> 6] |= static_cast<uint64_t>(negative(row, d)) << (d & 63);
+// Spreads the 16 bits of x to bits 0, 4, 8, ..., 60.
+inline uint64_t spread_by_4(uint64_t x) {
+  x = (x | (x << 24)) & 0x000000FF000000FFull;
+  x = (x | (x << 12)) & 0x000F000F000F000Full;
+  x = (x | (x << 6)) & 0x0303030303030303ull;
+  return (x | (x << 3)) & 0x1111111111111111ull;
+}
+
+inline int64_t tile_index(const Codebook& book, int64_t block, int64_t group) {
+  return ((block / 8) * book.groups + group) * 8 + block % 8;
 }
 
 Codebook prepare_codebook(const int8_t* similarity, const int8_t* projection, int64_t size,
-                          const Shape& shape) {
+                          const Shape& shape, bool& bipolar) {
   Codebook book;
   book.size = size;
   book.size8 = (size + 7) / 8 * 8;
   book.groups = (size + 3) / 4;
   book.similarity_columns.assign(shape.words * book.size8, 0);
   book.projection_rows.assign(size * shape.words, 0);
-  book.projection_tiles.assign(shape.blocks * book.groups * 64, 0);
+  book.projection_tiles.assign(shape.blocks * book.groups, 0);
   book.superposition.assign(shape.words, 0);
   std::vector<uint64_t> packed(shape.words);
-  std::vector<int64_t> column_sum(shape.dim, 0);
+  std::vector<int32_t> column_sum(shape.dim, 0);
   for (int64_t m = 0; m < size; ++m) {
-    pack_row(similarity + m * shape.dim, shape, packed.data());
+    bipolar = pack_row(similarity + m * shape.dim, shape, packed.data()) && bipolar;
     for (int64_t w = 0; w < shape.words; ++w) book.similarity_columns[w * book.size8 + m] = packed[w];
     const int8_t* row = projection + m * shape.dim;
-    pack_row(row, shape, book.projection_rows.data() + m * shape.words);
-    for (int64_t d = 0; d < shape.dim; ++d) {
-      column_sum[d] += row[d] < 0 ? -1 : 1;
-      book.projection_tiles[((d / 16) * book.groups + m / 4) * 64 + (d % 16) * 4 + m % 4] =
-          negative(row, d);
-    }
+    bipolar = pack_row(row, shape, book.projection_rows.data() + m * shape.words) && bipolar;
+    for (int64_t d = 0; d < shape.dim; ++d) column_sum[d] += row[d];
   }
+  // tile (block, g): the 16-bit slices of rows 4g..4g+3 over block's 16 entries, interleaved
+  const uint16_t* slices = reinterpret_cast<const uint16_t*>(book.projection_rows.data());
+  for (int64_t block = 0; block < shape.words * 4; ++block)
+    for (int64_t m = 0; m < size; ++m)
+      book.projection_tiles[tile_index(book, block, m / 4)] |=
+          spread_by_4(slices[m * shape.words * 4 + block]) << (m % 4);
   for (int64_t d = 0; d < shape.dim; ++d)
     book.superposition[d >> 6] |= static_cast<uint64_t>(column_sum[d] < 0) << (d & 63);
   return book;
@@ -104,9 +128,11 @@ Codebook prepare_codebook(const int8_t* similarity, const int8_t* projection, in
 
 // ---- the four inner loops, portable and AVX-512 ----
 // similarity: a[m] = D - 2 popcount(X[m] ^ u) for m < size
-// dense_limb: q[d] = sum_m b[m, d] limb[m] over whole 16-d blocks (limb padded to groups * 4)
-// sparse_add: q[d] += value * b[row, d]
-// combine_sign: bit d of out = (wsum - 2 sum_j 256^j q_j[d] < 0), bits past D left 0
+// dense_limb: q[d] = sum_m b[m, d] limb[m] over all blocks (limb padded to groups * 4)
+// sparse_limb: q[d] = sum over the listed m of limb[m] b[m, d], the few nonzero digits
+// combine_sign: bit d of out = (p_d < 0), p_d = wsum - 2 q_d, q_d = sum_j 256^j q_j[d]; bits past D 0.
+//   narrow: every |p_d| and |q_d| < 2^31, so int32 arithmetic (wrapping in the partial sums) is exact,
+//   and p_d < 0 <=> q_d > floor(wsum / 2).
 struct Portable {
   static void similarity(const Codebook& book, const uint64_t* u, const Shape& shape, int32_t* a) {
     for (int64_t m = 0; m < book.size; ++m) {
@@ -119,18 +145,24 @@ struct Portable {
   static void dense_limb(const Codebook& book, const int8_t* limb, const Shape& shape, int32_t* q) {
     for (int64_t block = 0; block < shape.blocks; ++block) {
       int32_t acc[16] = {0};
-      const uint8_t* tile = book.projection_tiles.data() + block * book.groups * 64;
-      for (int64_t g = 0; g < book.groups; ++g, tile += 64)
-        for (int lane = 0; lane < 16; ++lane)
-          for (int r = 0; r < 4; ++r) acc[lane] += tile[lane * 4 + r] * limb[g * 4 + r];
+      for (int64_t g = 0; g < book.groups; ++g) {
+        const uint64_t tile = book.projection_tiles[tile_index(book, block, g)];
+        for (int bit = 0; bit < 64; ++bit) acc[bit / 4] += static_cast<int32_t>((tile >> bit) & 1) * limb[g * 4 + bit % 4];
+      }
       std::memcpy(q + block * 16, acc, sizeof(acc));
     }
   }
-  static void sparse_add(const uint64_t* row, int32_t value, const Shape& shape, int32_t* q) {
-    for (int64_t d = 0; d < shape.dim; ++d) q[d] += value * static_cast<int32_t>((row[d >> 6] >> (d & 63)) & 1);
+  static void sparse_limb(const Codebook& book, const int8_t* limb, const int32_t* rows, int64_t count,
+                          const Shape& shape, int32_t* q) {
+    std::fill(q, q + shape.padded, 0);
+    for (int64_t i = 0; i < count; ++i) {
+      const uint64_t* row = book.projection_rows.data() + rows[i] * shape.words;
+      for (int64_t d = 0; d < shape.dim; ++d)
+        q[d] += limb[rows[i]] * static_cast<int32_t>((row[d >> 6] >> (d & 63)) & 1);
+    }
   }
-  static void combine_sign(const int32_t* const* q, int limbs, int64_t wsum, const Shape& shape,
-                           uint64_t* out) {
+  static void combine_sign(const int32_t* const* q, int limbs, int64_t wsum, bool /*narrow*/,
+                           const Shape& shape, uint64_t* out) {
     std::fill(out, out + shape.words, 0);
     for (int64_t d = 0; d < shape.dim; ++d) {
       int64_t acc = 0;
@@ -160,45 +192,56 @@ struct Avx512 {
   }
   PYINTERP_AVX512 static void dense_limb(const Codebook& book, const int8_t* limb, const Shape& shape,
                                          int32_t* q) {
-    // 8 blocks of 16 d at a time: eight independent accumulator chains hide the dot-product latency.
+    // Bit tiles expand to 0/1 bytes in a register (8 bytes read per 64 multiply-adds instead of 64:
+    // the codebooks stay in L1/L2). Eight blocks of 16 d at a time: eight independent accumulator
+    // chains hide the dot-product latency.
     constexpr int64_t kChains = 8;
-    const int64_t stride = book.groups * 64;
-    int64_t block = 0;
-    for (; block + kChains <= shape.blocks; block += kChains) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t block = 0; block < shape.blocks; block += kChains) {
       __m512i acc[kChains];
       for (auto& chain : acc) chain = _mm512_setzero_si512();
-      const uint8_t* tile = book.projection_tiles.data() + block * stride;
-      for (int64_t g = 0; g < book.groups; ++g) {
+      const uint64_t* tiles = book.projection_tiles.data() + block * book.groups;
+      for (int64_t g = 0; g < book.groups; ++g, tiles += kChains) {
         int32_t four;
         std::memcpy(&four, limb + g * 4, 4);
         const __m512i weights = _mm512_set1_epi32(four);
         for (int64_t c = 0; c < kChains; ++c)
-          acc[c] = _mm512_dpbusd_epi32(acc[c], _mm512_loadu_si512(tile + c * stride + g * 64), weights);
+          acc[c] = _mm512_dpbusd_epi32(acc[c], _mm512_maskz_mov_epi8(_cvtu64_mask64(tiles[c]), ones), weights);
       }
       for (int64_t c = 0; c < kChains; ++c) _mm512_storeu_si512(q + (block + c) * 16, acc[c]);
     }
-    for (; block < shape.blocks; ++block) {
+  }
+  PYINTERP_AVX512 static void sparse_limb(const Codebook& book, const int8_t* limb, const int32_t* rows,
+                                          int64_t count, const Shape& shape, int32_t* q) {
+    // Block by block, every listed row added in a register: one load and store per 16 d.
+    for (int64_t block = 0; block < shape.blocks; ++block) {
       __m512i acc = _mm512_setzero_si512();
-      const uint8_t* tile = book.projection_tiles.data() + block * stride;
-      for (int64_t g = 0; g < book.groups; ++g) {
-        int32_t four;
-        std::memcpy(&four, limb + g * 4, 4);
-        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(tile + g * 64), _mm512_set1_epi32(four));
+      for (int64_t i = 0; i < count; ++i) {
+        const uint16_t* row = reinterpret_cast<const uint16_t*>(book.projection_rows.data() + rows[i] * shape.words);
+        const __mmask16 mask = block < shape.words * 4 ? row[block] : 0;
+        acc = _mm512_mask_add_epi32(acc, mask, acc, _mm512_set1_epi32(limb[rows[i]]));
       }
       _mm512_storeu_si512(q + block * 16, acc);
     }
   }
-  PYINTERP_AVX512 static void sparse_add(const uint64_t* row, int32_t value, const Shape& shape,
-                                         int32_t* q) {
-    const __m512i add = _mm512_set1_epi32(value);
-    for (int64_t block = 0; block < shape.blocks; ++block) {
-      const __mmask16 mask = static_cast<__mmask16>(row[block >> 2] >> ((block & 3) * 16));
-      const __m512i current = _mm512_loadu_si512(q + block * 16);
-      _mm512_storeu_si512(q + block * 16, _mm512_mask_add_epi32(current, mask, current, add));
-    }
-  }
-  PYINTERP_AVX512 static void combine_sign(const int32_t* const* q, int limbs, int64_t wsum,
+  PYINTERP_AVX512 static void combine_sign(const int32_t* const* q, int limbs, int64_t wsum, bool narrow,
                                            const Shape& shape, uint64_t* out) {
+    if (narrow) {
+      const __m512i half = _mm512_set1_epi32(static_cast<int32_t>(wsum >> 1));  // floor(wsum / 2)
+      for (int64_t w = 0; w < shape.words; ++w) {
+        uint64_t word = 0;
+        for (int part = 0; part < 4; ++part) {
+          const int64_t d = w * 64 + part * 16;
+          __m512i acc = _mm512_loadu_si512(q[limbs - 1] + d);
+          for (int j = limbs - 2; j >= 0; --j)
+            acc = _mm512_add_epi32(_mm512_slli_epi32(acc, 8), _mm512_loadu_si512(q[j] + d));
+          word |= static_cast<uint64_t>(_mm512_cmpgt_epi32_mask(acc, half)) << (part * 16);
+        }
+        const int64_t valid = shape.dim - w * 64;
+        out[w] = valid >= 64 ? word : word & ((uint64_t{1} << valid) - 1);
+      }
+      return;
+    }
     const __m512i total = _mm512_set1_epi64(wsum);
     for (int64_t w = 0; w < shape.words; ++w) {
       uint64_t word = 0;
@@ -346,16 +389,20 @@ class Solver {
   // fresh_ = sgn(X^T weights_) packed, via signed base-256 limbs
   void project(const Codebook& book) {
     const int64_t padded = book.groups * 4;
-    int64_t wsum = 0;
+    int64_t wsum = 0, largest = 0;
+    for (int64_t m = 0; m < book.size; ++m) {
+      wsum += weights_[m];
+      largest = std::max(largest, std::abs(weights_[m]));
+    }
+    // L signed digits in [-128, 127] represent every |x| <= 127 (256^L - 1) / 255.
     int limbs = 1;
+    for (int64_t reach = 127; largest > reach; reach = reach * 256 + 127) ++limbs;
     for (int64_t m = 0; m < padded; ++m) {
       int64_t value = m < book.size ? weights_[m] : 0;
-      wsum += value;
-      for (int j = 0; j < kMaxLimbs; ++j) {
-        const int64_t digit = ((value + 128) & 255) - 128;
-        limbs_[j * padded + m] = static_cast<int8_t>(digit);
-        value = (value - digit) / 256;
-        if (digit != 0) limbs = std::max(limbs, j + 1);
+      for (int j = 0; j < limbs; ++j) {
+        const int8_t digit = static_cast<int8_t>(value);  // value mod 256 in [-128, 127]
+        limbs_[j * padded + m] = digit;
+        value = (value - digit) >> 8;  // exact: value - digit is a multiple of 256
       }
     }
     const int32_t* sums[kMaxLimbs];
@@ -365,17 +412,16 @@ class Solver {
       int32_t* q = sums_.data() + j * stride;
       sums[j] = q;
       int64_t nonzero = 0;
-      for (int64_t m = 0; m < book.size; ++m) nonzero += limb[m] != 0;
+      for (int64_t m = 0; m < book.size; ++m)
+        if (limb[m] != 0) order_[nonzero++] = static_cast<int32_t>(m);
       // A masked add per 16 d costs about what a 4-codevector dot product does: dense past M / 4.
-      if (nonzero * 4 > book.size) {
+      if (nonzero * 4 > book.size)
         Isa::dense_limb(book, limb, shape_, q);
-      } else {
-        std::fill(q, q + stride, 0);
-        for (int64_t m = 0; m < book.size; ++m)
-          if (limb[m] != 0) Isa::sparse_add(book.projection_rows.data() + m * shape_.words, limb[m], shape_, q);
-      }
+      else
+        Isa::sparse_limb(book, limb, order_.data(), nonzero, shape_, q);
     }
-    Isa::combine_sign(sums, limbs, wsum, shape_, fresh_.data());
+    const bool narrow = largest * book.size < (int64_t{1} << 31);
+    Isa::combine_sign(sums, limbs, wsum, narrow, shape_, fresh_.data());
   }
 
   // the smallest period p in [2, L] with state == state p sweeps ago, or 0
@@ -446,14 +492,14 @@ void solve_all(const std::vector<Codebook>& books, const Shape& shape, const Set
   });
 }
 
-void check_bipolar_int8(const at::Tensor& t, const char* name, int64_t rows, int64_t dim) {
+void check_int8_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t dim) {
   TORCH_CHECK(t.dtype() == at::kChar, "resonator_bits: ", name, " must be int8 (+-1), got ", t.dtype());
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == dim, "resonator_bits: ", name,
               " must have shape (", rows, ", ", dim, "), got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "resonator_bits: ", name, " must be contiguous");
-  TORCH_CHECK(t.numel() == 0 || t.abs().eq(1).all().item<bool>(), "resonator_bits: ", name,
-              " must hold only -1 and +1 (bit-packed arithmetic)");
 }
+
+constexpr const char* kNotBipolar = " must hold only -1 and +1 (bit-packed arithmetic)";
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resonator_bits_cpu(
     const at::Tensor& s, const at::Tensor& similarity_codebooks, const at::Tensor& projection_codebooks,
@@ -469,9 +515,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resonator
     total += size;
     largest = std::max(largest, size);
   }
-  check_bipolar_int8(s, "s", batch, dim);
-  check_bipolar_int8(similarity_codebooks, "similarity_codebooks", total, dim);
-  check_bipolar_int8(projection_codebooks, "projection_codebooks", total, dim);
+  check_int8_matrix(s, "s", batch, dim);
+  check_int8_matrix(similarity_codebooks, "similarity_codebooks", total, dim);
+  check_int8_matrix(projection_codebooks, "projection_codebooks", total, dim);
   TORCH_CHECK(max_iters >= 1, "resonator_bits: max_iters must be >= 1, got ", max_iters);
   TORCH_CHECK(noise >= 0 && std::isfinite(noise), "resonator_bits: noise must be finite and >= 0");
   TORCH_CHECK(noise > 0 || largest * dim < (int64_t{1} << 31),
@@ -497,20 +543,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resonator
     }
   }
 
-  const Shape shape{dim, (dim + 63) / 64, (dim + 15) / 16, (dim + 63) / 64 * 64};
+  const Shape shape{dim, (dim + 63) / 64, (dim + 127) / 128 * 128, (dim + 127) / 128 * 8};
   std::vector<Codebook> books;
   const int8_t* similarity = similarity_codebooks.data_ptr<int8_t>();
   const int8_t* projection = projection_codebooks.data_ptr<int8_t>();
+  bool bipolar_codebooks = true;
   for (int64_t size : sizes) {
-    books.push_back(prepare_codebook(similarity, projection, size, shape));
+    books.push_back(prepare_codebook(similarity, projection, size, shape, bipolar_codebooks));
     similarity += size * dim;
     projection += size * dim;
   }
+  TORCH_CHECK(bipolar_codebooks, "resonator_bits: the codebooks", kNotBipolar);
   std::vector<uint64_t> composites(batch * shape.words);
+  std::atomic<bool> bipolar_s{true};
   at::parallel_for(0, batch, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row)
-      pack_row(s.data_ptr<int8_t>() + row * dim, shape, composites.data() + row * shape.words);
+      if (!pack_row(s.data_ptr<int8_t>() + row * dim, shape, composites.data() + row * shape.words))
+        bipolar_s = false;
   });
+  TORCH_CHECK(bipolar_s.load(), "resonator_bits: s", kNotBipolar);
 
   const auto int_options = s.options().dtype(at::kInt);
   at::Tensor indices = at::empty({batch, factors}, int_options);

@@ -107,8 +107,6 @@ def _codebook_list(codebooks, s: Tensor) -> list[Tensor]:
                              "codevector must have s's dimension")
         if codebook.shape[0] == 0:
             raise ValueError(f"{OP}: {name} is empty (M_f = 0); every factor needs a codevector")
-        if not torch.isfinite(codebook).all():
-            raise ValueError(f"{OP}: {name} holds non-finite values")
     return list(codebooks)
 
 
@@ -195,8 +193,6 @@ def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential
     leading = tuple(s.shape[:-1])
     s2 = s.reshape(-1, s.shape[-1])
     dim = s2.shape[1]
-    if not torch.isfinite(s2).all():
-        raise ValueError(f"{OP}: s holds non-finite values")
     books = _codebook_list(codebooks, s)
     factors = len(books)
     sizes = [book.shape[0] for book in books]
@@ -260,6 +256,10 @@ def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential
                                  f"{int(column.max())}]")
 
     bipolar = not phasors and _is_bipolar(s2, *books)
+    if not bipolar:  # +-1 values are finite: only other values need the check
+        for name, tensor in [("s", s2)] + [(f"codebooks[{f}]", book) for f, book in enumerate(books)]:
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{OP}: {name} holds non-finite values")
     float_limit_ok = max(sizes) * dim < FLOAT_PATH_LIMIT
     chosen = _choose_backend(backend, s.device, arithmetic=arithmetic, bipolar=bipolar,
                              phasors=phasors, weights=weights, activation=activation, noise=noise,
@@ -275,8 +275,8 @@ def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential
         theta_units = reference.theta_units(theta, dim) if theta is not None else 0
         kernel_dtype = torch.float32 if chosen == "triton" else torch.int8
         projection = torch.cat([book.to(kernel_dtype) for book in books]).contiguous()
-        similarity = torch.cat([b.to(kernel_dtype) for b in
-                                reference.similarity_codebooks(books, asymmetry, seed)]).contiguous()
+        similarity = projection if asymmetry == 0 else torch.cat(
+            [book.to(kernel_dtype) for book in reference.similarity_codebooks(books, asymmetry, seed)])
         known_kernel = known2.to(torch.int32).contiguous() if known2 is not None else None
         s_kernel = s2.to(kernel_dtype).contiguous()
         if chosen == "triton":
