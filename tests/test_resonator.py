@@ -340,6 +340,19 @@ def test_leading_dims_int8_and_a_single_codebook_tensor():
 
 
 @needs_cpu_kernel
+def test_codebooks_modified_in_place_are_seen():
+    # facts about codebooks (+-1, concatenation) are reused only while the tensors are unmodified
+    s, codebooks, targets = problems([8, 8], 128, 6, seed=35)
+    assert torch.equal(resonator(s, codebooks, max_iters=20, backend="cpu").indices, targets)
+    codebooks[1][:, :64] *= -1  # still +-1, other codevectors
+    assert_same(resonator(s, codebooks, max_iters=20, backend="cpu"),
+                resonator(s, codebooks, max_iters=20, backend="torch"))
+    codebooks[0][0, 0] = 0.5
+    with pytest.raises(ValueError, match="bipolar"):
+        resonator(s, codebooks, max_iters=20, backend="cpu")
+
+
+@needs_cpu_kernel
 def test_cpu_is_deterministic():
     s, codebooks, _ = problems([30, 30, 30], 400, 64, seed=25)
     first = resonator(s, codebooks, max_iters=100, noise=3.0, seed=1, backend="cpu")

@@ -109,10 +109,13 @@ Codebook prepare_codebook(const int8_t* similarity, const int8_t* projection, in
   std::vector<uint64_t> packed(shape.words);
   std::vector<int32_t> column_sum(shape.dim, 0);
   for (int64_t m = 0; m < size; ++m) {
-    bipolar = pack_row(similarity + m * shape.dim, shape, packed.data()) && bipolar;
-    for (int64_t w = 0; w < shape.words; ++w) book.similarity_columns[w * book.size8 + m] = packed[w];
     const int8_t* row = projection + m * shape.dim;
-    bipolar = pack_row(row, shape, book.projection_rows.data() + m * shape.words) && bipolar;
+    uint64_t* packed_row = book.projection_rows.data() + m * shape.words;
+    bipolar = pack_row(row, shape, packed_row) && bipolar;
+    if (similarity != projection)  // asymmetric codebooks: the similarity rows differ
+      bipolar = pack_row(similarity + m * shape.dim, shape, packed.data()) && bipolar;
+    const uint64_t* similarity_row = similarity != projection ? packed.data() : packed_row;
+    for (int64_t w = 0; w < shape.words; ++w) book.similarity_columns[w * book.size8 + m] = similarity_row[w];
     for (int64_t d = 0; d < shape.dim; ++d) column_sum[d] += row[d];
   }
   // tile (block, g): the 16-bit slices of rows 4g..4g+3 over block's 16 entries, interleaved

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 ACTIVATION_CODES = {"identity": 0, "threshold": 1, "topk": 2}
-MAX_CODEBOOK = 4096  # one codebook's similarities live in registers
 
 
 @triton.jit

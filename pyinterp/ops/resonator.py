@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -32,6 +33,7 @@ ARITHMETICS = ("auto", "float", "bits")
 # The kernel backends' arithmetic; the torch reference computes exactly in float64.
 BACKEND_ARITHMETIC = {"cpu": "bits", "cuda": "bits", "triton": "float", "torch": "float"}
 FLOAT_PATH_LIMIT = 1 << 24  # fp32 holds every integer below this exactly
+TRITON_MAX_CODEBOOK = 4096  # the Triton kernel keeps one codebook's similarities in registers
 
 
 if _extension.cpu_extension() is not None:  # defines the pyinterp:: schemas (absent in a pure-Python build)
@@ -114,8 +116,43 @@ def _is_bipolar(*tensors: Tensor) -> bool:
     return all(not t.is_complex() and bool((t.abs() == 1).all()) for t in tensors)
 
 
+class _CodebookFacts:
+    """What the calls learn about one list of codebooks: whether it is +-1 and its concatenation per
+    kernel dtype. Kept while the same tensors stay unmodified (same _version counters), so repeated
+    calls with the same codebooks (a capacity sweep, a stream of batches) skip those passes."""
+    _recent: dict = {}
+
+    def __init__(self, books: list[Tensor]):
+        self.references = [weakref.ref(book) for book in books]
+        self.versions = [book._version for book in books]
+        self._bipolar: bool | None = None
+        self._concatenated: dict[torch.dtype, Tensor] = {}
+
+    @classmethod
+    def of(cls, books: list[Tensor]) -> "_CodebookFacts":
+        key = tuple(id(book) for book in books)
+        facts = cls._recent.get(key)
+        if facts is None or any(ref() is not book or version != book._version for ref, version, book
+                                in zip(facts.references, facts.versions, books)):
+            facts = cls(books)
+            if len(cls._recent) >= 8:
+                cls._recent.pop(next(iter(cls._recent)))
+            cls._recent[key] = facts
+        return facts
+
+    def bipolar(self, books: list[Tensor]) -> bool:
+        if self._bipolar is None:
+            self._bipolar = _is_bipolar(*books)
+        return self._bipolar
+
+    def concatenated(self, books: list[Tensor], dtype: torch.dtype) -> Tensor:
+        if dtype not in self._concatenated:
+            self._concatenated[dtype] = torch.cat([book.to(dtype) for book in books]).contiguous()
+        return self._concatenated[dtype]
+
+
 def _unsupported(backend: str, *, arithmetic: str, bipolar: bool, phasors: bool, weights: str,
-                 activation: str, noise: float, detect_cycles: int, float_limit_ok: bool) -> str:
+                 activation: str, noise: float, detect_cycles: int, largest: int, dim: int) -> str:
     """Why `backend` cannot run this request (naming the argument), or ''."""
     wanted = BACKEND_ARITHMETIC[backend]
     if arithmetic != "auto" and arithmetic != wanted:
@@ -138,9 +175,11 @@ def _unsupported(backend: str, *, arithmetic: str, bipolar: bool, phasors: bool,
             return "noise > 0 runs on backends 'cpu', 'cuda' and 'torch', not backend='triton'"
         if detect_cycles:
             return "detect_cycles runs on backends 'cpu', 'cuda' and 'torch', not backend='triton'"
-        if not float_limit_ok:
+        if largest * dim >= FLOAT_PATH_LIMIT:
             return ("arithmetic='float' (fp32) is exact only while max M_f * D < 2^24; this request "
                     "exceeds it (use arithmetic='bits' or backend='torch')")
+        if largest > TRITON_MAX_CODEBOOK:
+            return f"backend='triton' takes codebooks of at most {TRITON_MAX_CODEBOOK} codevectors"
     return ""
 
 
@@ -255,15 +294,15 @@ def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential
                                  f"[0, {size}) (M_{f}), found values in [{int(column.min())}, "
                                  f"{int(column.max())}]")
 
-    bipolar = not phasors and _is_bipolar(s2, *books)
+    facts = _CodebookFacts.of(books)
+    bipolar = not phasors and _is_bipolar(s2) and facts.bipolar(books)
     if not bipolar:  # +-1 values are finite: only other values need the check
         for name, tensor in [("s", s2)] + [(f"codebooks[{f}]", book) for f, book in enumerate(books)]:
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{OP}: {name} holds non-finite values")
-    float_limit_ok = max(sizes) * dim < FLOAT_PATH_LIMIT
     chosen = _choose_backend(backend, s.device, arithmetic=arithmetic, bipolar=bipolar,
                              phasors=phasors, weights=weights, activation=activation, noise=noise,
-                             detect_cycles=detect_cycles, float_limit_ok=float_limit_ok)
+                             detect_cycles=detect_cycles, largest=max(sizes), dim=dim)
     if chosen == "torch":
         result = reference.resonator(
             s2, books, max_iters=max_iters, update=update, weights=weights, activation=activation,
@@ -274,7 +313,7 @@ def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential
         threshold_units = reference.threshold_units(threshold, dim, scale) if threshold is not None else 0
         theta_units = reference.theta_units(theta, dim) if theta is not None else 0
         kernel_dtype = torch.float32 if chosen == "triton" else torch.int8
-        projection = torch.cat([book.to(kernel_dtype) for book in books]).contiguous()
+        projection = facts.concatenated(books, kernel_dtype)
         similarity = projection if asymmetry == 0 else torch.cat(
             [book.to(kernel_dtype) for book in reference.similarity_codebooks(books, asymmetry, seed)])
         known_kernel = known2.to(torch.int32).contiguous() if known2 is not None else None
