@@ -70,6 +70,11 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", ".", "--target", ext.target, "-j", jobs],
                        cwd=build_dir, check=True)
+        # _C_cuda is a plain library (stable ABI, no Python init) named _C_cuda.so; setuptools copies
+        # the file it expects at the extension's full path.
+        plain = out_dir / f"{ext.target}.so"
+        if plain.exists():
+            plain.replace(self.get_ext_fullpath(ext.name))
 
 
 def extensions() -> list:

@@ -28,6 +28,18 @@ TORCH_LIBRARY(pyinterp, m) {
         "(Tensor weight_grad, Tensor coef_sum)");
   // ---- integrated Jacobians (pyinterp/ops/ij_accumulate.py) ----
   // ---- resonator networks (pyinterp/ops/resonator.py) ----
+  // Factor each s[b] (+-1, int8) over F codebooks concatenated row-wise (sizes = M_f): the sign rules
+  // of pyinterp/reference/resonator.py on bit-packed vectors, reproducing its trajectory exactly.
+  // similarity_codebooks feed the similarities (asymmetric variant), projection_codebooks the update
+  // and the readout. known (B, F) int32, -1 = unknown. activation: identity | threshold | topk;
+  // threshold_units / theta_units are the integer bounds of reference.threshold_units / theta_units;
+  // noise = sigma (0 = none) with the counter-based stream of seed; stop: fixed_point | similarity;
+  // detect_cycles = 0 or the longest period looked for. Returns indices (B, F) int32, iterations (B)
+  // int32, converged (B) bool, cycle (B) int32 (period, 0 = none), similarities (B, F) float32.
+  m.def("resonator_bits(Tensor s, Tensor similarity_codebooks, Tensor projection_codebooks, "
+        "int[] sizes, Tensor? known, int max_iters, bool parallel, str activation, int k, "
+        "int threshold_units, float noise, int seed, str stop, int theta_units, int detect_cycles) -> "
+        "(Tensor indices, Tensor iterations, Tensor converged, Tensor cycle, Tensor similarities)");
 }
 
 namespace {
