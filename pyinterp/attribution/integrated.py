@@ -152,7 +152,7 @@ def _accumulate_vjp(fn, reference, delta, owner, alphas, weights, P, jbar, chunk
             dims = min(out_chunk, outputs - e0)
             # replica (k, j) of node k carries the cotangent of output dim e0 + j
             states = points.unsqueeze(1).expand(nodes, dims, *sample_shape).reshape(nodes * dims, *sample_shape)
-            states = states.detach().requires_grad_(True)
+            states = states.contiguous().requires_grad_(True)
             with torch.enable_grad():
                 out = _outputs(fn, states, owner.expand(nodes * dims), "integrated_jacobian")
                 cotangent = torch.zeros_like(out)
@@ -177,8 +177,9 @@ def _accumulate_jvp(fn, reference, delta, owner, alphas, weights, P, length, chu
         for k0 in range(0, alphas.numel(), node_chunk):
             points = _path_points(reference, delta, alphas[k0:k0 + node_chunk])
             nodes = points.shape[0]
-            states = points.unsqueeze(1).expand(nodes, count, *sample_shape).reshape(-1, *sample_shape)
-            directions = tangents.unsqueeze(0).expand(nodes, -1, *sample_shape).reshape(-1, *sample_shape)
+            # contiguous copies: make_dual refuses expanded (self-overlapping) views
+            states = points.unsqueeze(1).expand(nodes, count, *sample_shape).reshape(-1, *sample_shape).contiguous()
+            directions = tangents.unsqueeze(0).expand(nodes, -1, *sample_shape).reshape(-1, *sample_shape).contiguous()
             with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), forward_ad.dual_level():
                 out = _outputs(fn, forward_ad.make_dual(states, directions), owner.expand(nodes * count),
                                "integrated_jacobian")
