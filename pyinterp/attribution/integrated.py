@@ -119,8 +119,8 @@ def integrate_batch(fn: BatchFn, xs: Tensor, refs: Tensor, *, n_steps: int, meth
         if mode == "jvp":
             try:
                 _accumulate_jvp(fn, refs[t], delta, owner, alphas, weights, P, lengths[t], chunk_size)
-            except NotImplementedError as exc:  # an op of fn without a forward-mode rule
-                if not automatic or "forward AD" not in str(exc):
+            except NotImplementedError as exc:  # an op of fn without a forward-mode rule (if the error
+                if not automatic:                 # has another cause, reverse mode raises it again)
                     raise
                 warnings.warn(f"{where}: an op of fn has no forward-mode rule ({str(exc).splitlines()[0]}); "
                               "using reverse mode", RuntimeWarning, stacklevel=2)
