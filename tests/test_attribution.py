@@ -330,3 +330,19 @@ def test_cuda_integrated_jacobian_matches_cpu():
         gpu = integrated_jacobian(fn, x.cuda(), r.cuda(), n_steps=5, mode="vjp", return_jbar=True, backend=backend)
         torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gpu.jbar.cpu(), cpu.jbar, rtol=1e-10, atol=1e-12)
+
+
+def test_cli_prints_figures_and_writes_heatmap(tmp_path, capsys):
+    import argparse
+
+    from pyinterp.attribution import cli
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = tmp_path / "pair.png"
+    assert cli.run(parser.parse_args(["Good coffee", "Bad tea", "--layer", "3", "--steps", "3",
+                                      "--out", str(out)])) == 0
+    printed = capsys.readouterr().out
+    assert "score (cosine)" in printed and "sum of attributions" in printed and "error" in printed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.run(parser.parse_args(["a", "b", "--layer", "9"])) == 2
+    assert "layer must be in [0, 6]" in capsys.readouterr().err
