@@ -11,6 +11,15 @@ from pyinterp import _backend
 from pyinterp.attribution import (METHODS, SparseAutoencoder, attribute_texts, explain_pair, integrated_gradients,
                                   integrated_jacobian, nodes_and_weights, sae_attribution)
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on shared 2-core machines two contending OpenMP threads are ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- small smooth test functions (float64)
 S, D, E = 5, 7, 3
 

@@ -19,6 +19,9 @@ from pyinterp.attribution.integrated import IntegratedJacobian, integrate_batch
 from pyinterp.attribution.quadrature import check_method
 
 SIMILARITIES = ("cosine", "dot")
+# Default path samples per pass: as many as make this many token rows, which bounds the activations
+# kept for one backward (about 0.25 GB for the upper half of a 384-wide, 6-layer encoder).
+TOKENS_PER_PASS = 2048
 
 
 def _find_layers(transformer: nn.Module) -> tuple[nn.Module, str]:
@@ -53,11 +56,11 @@ class EncoderAdapter:
         self.num_layers = len(getattr(self.layer_owner, self.layer_attr))
         self.device = next(self.transformer.parameters()).device
 
-    def check_layer(self, layer: int) -> int:
+    def check_layer(self, layer: int, where: str) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"explain_pair: layer must be an int, got {type(layer).__name__}")
+            raise TypeError(f"{where}: layer must be an int, got {type(layer).__name__}")
         if not 0 <= layer <= self.num_layers:
-            raise ValueError(f"explain_pair: layer must be in [0, {self.num_layers}] for this "
+            raise ValueError(f"{where}: layer must be in [0, {self.num_layers}] for this "
                              f"{self.num_layers}-layer model (0 = the embeddings output), got {layer}")
         return layer
 
@@ -109,7 +112,8 @@ class EncoderAdapter:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Dropout off while attributing (sentence-transformers models load in training mode)."""
     was_training = module.training
     module.eval()
     try:
@@ -130,12 +134,14 @@ class TextAttribution:
 
 def attribute_texts(model, texts: Sequence[str], *, layer: Optional[int] = None, n_steps: int = 10,
                     method: str = "gauss_legendre", reference: Optional[Sequence[str]] = None,
-                    mode: str = "auto", chunk_size: int = 64, return_jbar: bool = False, tokenizer=None,
-                    backend: str = "auto", where: str = "attribute_texts") -> list[TextAttribution]:
+                    mode: str = "auto", chunk_size: Optional[int] = None, return_jbar: bool = False,
+                    tokenizer=None, backend: str = "auto",
+                    where: str = "attribute_texts") -> list[TextAttribution]:
     """Integrated Jacobian of the sentence embedding with respect to the input of layer `layer`
-    (default: the middle layer), for several texts at once."""
+    (default: the middle layer), for several texts at once. chunk_size: path samples per pass
+    (default: TOKENS_PER_PASS // tokens)."""
     adapter = EncoderAdapter(model, tokenizer)
-    layer = adapter.check_layer(adapter.num_layers // 2 if layer is None else layer)
+    layer = adapter.check_layer(adapter.num_layers // 2 if layer is None else layer, where)
     check_method(method, n_steps, where)
     features = adapter.tokenize(texts)
     if reference is None:
@@ -148,8 +154,10 @@ def attribute_texts(model, texts: Sequence[str], *, layer: Optional[int] = None,
                 ref_features["input_ids"].shape != features["input_ids"].shape:
             raise ValueError(f"{where}: each reference must tokenize to as many tokens as its text")
     lengths = features["attention_mask"].sum(1).tolist()
+    if chunk_size is None:
+        chunk_size = max(1, TOKENS_PER_PASS // features["input_ids"].shape[1])
     model_for_eval = adapter.sentence_transformer or adapter.transformer
-    with _eval_mode(model_for_eval), torch.no_grad():
+    with eval_mode(model_for_eval), torch.no_grad():
         both = {k: torch.cat([features[k], ref_features[k]]) for k in features}
         states = adapter.states_at(both, layer)
     xs, refs = states[:len(texts)], states[len(texts):]
@@ -159,7 +167,7 @@ def attribute_texts(model, texts: Sequence[str], *, layer: Optional[int] = None,
         holder[0] = path_states
         return adapter.embed({k: v[owners] for k, v in features.items()})
 
-    with _eval_mode(model_for_eval), adapter.from_layer(layer, holder):
+    with eval_mode(model_for_eval), adapter.from_layer(layer, holder):
         results = integrate_batch(fn, xs, refs, n_steps=n_steps, method=method, mode=mode,
                                   chunk_size=chunk_size, return_jbar=return_jbar, lengths=lengths,
                                   backend=backend, where=where)
@@ -254,8 +262,8 @@ def pair_explanation(a: TextAttribution, b: TextAttribution, emb_a: Tensor, emb_
 
 def explain_pair(model, text_a, text_b, *, layer: Optional[int] = None, n_steps: int = 10,
                  method: str = "gauss_legendre", similarity: str = "cosine", reference=None,
-                 mode: str = "auto", chunk_size: int = 64, feature_pairs: bool = False, tokenizer=None,
-                 backend: str = "auto"):
+                 mode: str = "auto", chunk_size: Optional[int] = None, feature_pairs: bool = False,
+                 tokenizer=None, backend: str = "auto"):
     """Token-pair attribution of an encoder's similarity between text_a and text_b.
 
     text_a, text_b: two strings, or two equally long lists of strings (several pairs in one call,
@@ -274,16 +282,18 @@ def explain_pair(model, text_a, text_b, *, layer: Optional[int] = None, n_steps:
                          f"lists, got {len(texts_a)} and {len(texts_b)}")
     refs = None
     if reference is not None:
+        if not isinstance(reference, (tuple, list)) or len(reference) != 2:
+            raise ValueError(f"{where}: reference must be a pair (reference of text_a, reference of text_b)")
         ref_a, ref_b = reference
         refs = ([ref_a] if isinstance(ref_a, str) else list(ref_a)) + \
                ([ref_b] if isinstance(ref_b, str) else list(ref_b))
     adapter = EncoderAdapter(model, tokenizer)
-    layer = adapter.check_layer(adapter.num_layers // 2 if layer is None else layer)
+    layer = adapter.check_layer(adapter.num_layers // 2 if layer is None else layer, where)
     texts = texts_a + texts_b
     attributions = attribute_texts(model, texts, layer=layer, n_steps=n_steps, method=method,
                                    reference=refs, mode=mode, chunk_size=chunk_size,
                                    return_jbar=feature_pairs, tokenizer=tokenizer, backend=backend, where=where)
-    with _eval_mode(adapter.sentence_transformer or adapter.transformer), torch.no_grad():
+    with eval_mode(adapter.sentence_transformer or adapter.transformer), torch.no_grad():
         embeddings = adapter.embed(adapter.tokenize(texts)).double()
     count = len(texts_a)
     explanations = [pair_explanation(attributions[i], attributions[count + i], embeddings[i],

@@ -105,7 +105,8 @@ def sae_feature_attribution(attribution: TextAttribution, sae: SparseAutoencoder
 
 
 def sae_attribution(model, texts: Sequence[str], sae: SparseAutoencoder, *, layer: Optional[int] = None,
-                    n_steps: int = 10, method: str = "gauss_legendre", reference=None, chunk_size: int = 64,
+                    n_steps: int = 10, method: str = "gauss_legendre", reference=None,
+                    chunk_size: Optional[int] = None,
                     tokenizer=None, backend: str = "auto") -> list[SAEAttribution]:
     """Attribute each text's sentence embedding to the SAE latents (and error term) at layer `layer`."""
     attributions = attribute_texts(model, texts, layer=layer, n_steps=n_steps, method=method,
