@@ -146,6 +146,18 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, match):
         pyinterp.ij_accumulate(args.pop("grads"), args.pop("weights"), args.pop("delta"), **args)
 
 
+def test_cuda_kernels_load_into_this_torch():
+    """The stable-ABI CUDA module, built against whatever torch is installed (the CPU wheel here),
+    loads and registers its kernel with the dispatcher."""
+    import pathlib
+
+    from pyinterp import _extension
+    if not list(pathlib.Path(pyinterp.__file__).parent.glob("_C_cuda*.so")):
+        pytest.skip("pyinterp._C_cuda was not built (no nvcc at build time)")
+    assert _extension.cuda_extension() is not None, _extension.load_error("_C_cuda")
+    assert "\nCUDA: registered at" in torch._C._dispatch_dump("pyinterp::ij_accumulate_")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cuda_backends_match_reference(dtype):
