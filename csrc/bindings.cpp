@@ -27,6 +27,13 @@ TORCH_LIBRARY(pyinterp, m) {
   m.def("sparse_t_matmul(Tensor coef, Tensor indices, Tensor rows, int num_latents) -> "
         "(Tensor weight_grad, Tensor coef_sum)");
   // ---- integrated Jacobians (pyinterp/ops/ij_accumulate.py) ----
+  // One chunk of K quadrature nodes, added in place so that the (E, N, S, D) per-node tensor never exists:
+  //   Jc[e,s,d] = sum_k weights[k] * grads[k,e,s,d]
+  //   P[e,s]   += sum_d Jc[e,s,d] * delta[s,d]          Jbar[e,s,d] += Jc[e,s,d]   (Jbar only if given)
+  // grads (K, E, S, D) fp32/fp16/bf16/fp64, contiguous; P (E, S) contiguous in the accumulator dtype
+  // (fp32; fp64 for fp64 grads); Jbar (E, S, D) in P's dtype or None; weights (K), delta (S, D) in P's dtype.
+  // Each (e, s) row is reduced by one worker in node order: deterministic, no atomics.
+  m.def("ij_accumulate_(Tensor(a!) P, Tensor(b!)? Jbar, Tensor grads, Tensor weights, Tensor delta) -> ()");
   // ---- resonator networks (pyinterp/ops/resonator.py) ----
   // Factor each s[b] (+-1, int8) over F codebooks concatenated row-wise (sizes = M_f): the sign rules
   // of pyinterp/reference/resonator.py on bit-packed vectors, reproducing its trajectory exactly.
