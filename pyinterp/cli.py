@@ -11,6 +11,8 @@ COMMANDS = (
     ("info", "pyinterp.info"),
     ("demo", "pyinterp.demo"),
     ("train-sae", "pyinterp.sae.cli"),
+    ("attribute", "pyinterp.attribution.cli"),
+    ("factorize", "pyinterp.vsa.cli"),
     ("bench", "pyinterp.bench"),
 )
 

@@ -82,6 +82,18 @@ def training_section(args) -> None:
     demo(backend="auto")
 
 
+def attribution_section(args) -> None:
+    from pyinterp.attribution.cli import demo
+
+    demo()
+
+
+def resonator_section(args) -> None:
+    from pyinterp.vsa.demo import demo
+
+    demo()
+
+
 def bench_section(args) -> None:
     """A short `pyinterp bench`: forward passes on the small shapes, against torch and the peers."""
     import argparse
@@ -97,7 +109,7 @@ def bench_section(args) -> None:
                                  bench_dir=bench.SOURCE_BENCHES))
 
 
-SECTIONS = (sae_section, training_section, bench_section)
+SECTIONS = (sae_section, training_section, attribution_section, resonator_section, bench_section)
 
 
 def run(args) -> int:
