@@ -153,12 +153,21 @@ class RunningTopK {
     }
   }
 
-  // The best `out_k` of row r together with `fill` (extra candidates), best first.
+  // The best `out_k` of row r together with `fill` (extra candidates, best first), best first.
   const key_t* finish_with(int64_t r, int64_t out_k, const std::vector<key_t>& fill) {
     key_t* b = row(r);
-    const int64_t n = count_[r] + static_cast<int64_t>(fill.size());
+    int64_t n = count_[r];
+    // Usually the row's own candidates already hold out_k better than every fill entry.
+    if (n >= out_k) {
+      std::nth_element(b, b + out_k - 1, b + n, K::better);
+      if (fill.empty() || K::better(b[out_k - 1], fill.front())) {
+        std::sort(b, b + out_k, K::better);
+        return b;
+      }
+    }
+    std::copy(fill.begin(), fill.end(), b + n);
+    n += static_cast<int64_t>(fill.size());
     TORCH_INTERNAL_ASSERT(n <= stride_ && n >= out_k);
-    std::copy(fill.begin(), fill.end(), b + count_[r]);
     std::nth_element(b, b + out_k - 1, b + n, K::better);
     std::sort(b, b + out_k, K::better);
     return b;
