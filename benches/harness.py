@@ -45,26 +45,36 @@ def _rss_bytes(key: str) -> int:
     return int(match.group(1)) * 1024
 
 
-def peak_memory_bytes(fn, device: str) -> int:
-    """Extra memory at the high-water mark of one call: CUDA allocator peak on GPU; on CPU the
-    resident-set high-water mark (reset through /proc/self/clear_refs) above the resident set before."""
+def timed_peak(fn, device: str):
+    """(result, seconds, extra peak bytes) of one call fn(). Peak memory is the extra memory at the
+    high-water mark: CUDA allocator peak on GPU; on CPU the resident-set high-water mark (reset through
+    /proc/self/clear_refs) above the resident set before."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    # While measuring, blocks of 1 MiB and more are mmap'd, so that memory freed by an earlier call
-    # is not silently reused from the heap, unseen by the high-water mark; timing runs never see this.
-    _set_mmap_threshold(1 << 20)
-    try:
+    else:
+        # While measuring, blocks of 1 MiB and more are mmap'd, so that memory freed by an earlier call
+        # is not silently reused from the heap, unseen by the high-water mark; timing runs never see this.
+        _set_mmap_threshold(1 << 20)
         Path("/proc/self/clear_refs").write_text("5")
         before = _rss_bytes("VmRSS")
-        fn()
-        return max(_rss_bytes("VmHWM") - before, 0)
+    start = time.perf_counter()
+    try:
+        result = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
     finally:
-        _set_mmap_threshold(_STEADY_MMAP_THRESHOLD)
+        if device != "cuda":
+            _set_mmap_threshold(_STEADY_MMAP_THRESHOLD)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes("VmHWM")
+    return result, seconds, max(peak - before, 0)
+
+
+def peak_memory_bytes(fn, device: str) -> int:
+    """Extra memory at the high-water mark of one call (see timed_peak)."""
+    return timed_peak(fn, device)[2]
 
 
 def median_ms(fn, device: str, *, repeats: int, warmup: int = 1) -> float:
@@ -120,10 +130,13 @@ def measure_roofline(device: str, dtype: torch.dtype) -> dict:
             "copy_gbps": round(2 * source.numel() * 4 / (copy_ms * 1e-3) / 1e9, 1)}
 
 
-def roofline_fraction(throughput: float, unit: str, roofline: dict) -> float:
-    """Throughput as a fraction of the measured peak of its unit."""
-    peak = {"TFLOP/s": roofline["matmul_tflops"], "GB/s": roofline["copy_gbps"]}[unit]
-    return throughput / peak
+UNIT_SCALE = {"TFLOP/s": 1e12, "GB/s": 1e9, "tok/s": 1.0}
+
+
+def roofline_fraction(throughput: float, unit: str, roofline: dict) -> float | None:
+    """Throughput as a fraction of the measured peak of its unit; None for units without one (tok/s)."""
+    peak = {"TFLOP/s": roofline["matmul_tflops"], "GB/s": roofline["copy_gbps"]}.get(unit)
+    return throughput / peak if peak else None
 
 
 def add_baseline_ratios(rows: list[dict]) -> None:
@@ -140,9 +153,10 @@ def add_baseline_ratios(rows: list[dict]) -> None:
                                                if baselines and row.get("median_ms") else None)
 
 
-def write_results(rows: list[dict], device: str, results_dir: Path = RESULTS_DIR) -> Path:
+def write_results(rows: list[dict], device: str, results_dir: Path = RESULTS_DIR, prefix: str = "") -> Path:
+    """Append rows, each with the run's metadata, to results_dir/<prefix><device slug>.jsonl."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{device_slug(device)}.jsonl"
+    path = results_dir / f"{prefix}{device_slug(device)}.jsonl"
     meta = run_metadata(device)
     with path.open("a") as handle:
         for row in rows:
@@ -160,7 +174,9 @@ def format_table(rows: list[dict]) -> str:
                          f"{r['provider']:19s} skipped: {r['skipped']}")
             continue
         ratio = r.get("speedup_vs_best_baseline")
+        fraction = r.get("roofline_fraction")
+        roof_text = "-" if fraction is None else f"{100 * fraction:.1f}%"
         lines.append(f"{r['op']:14s} {r['shape']:17s} {r['dtype']:9s} {r['direction']:16s} {r['provider']:19s} "
                      f"{r['median_ms']:10.2f} {r['peak_mib']:9.1f} {r['throughput']:9.2f} {r['unit']:>6s} "
-                     f"{100 * r.get('roofline_fraction', 0):6.1f}% {(f'{ratio:.2f}x' if ratio else '-'):>12s}")
+                     f"{roof_text:>7s} {(f'{ratio:.2f}x' if ratio else '-'):>12s}")
     return "\n".join(lines)

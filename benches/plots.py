@@ -27,7 +27,7 @@ def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
                 xs = [s_index + p_index * width for s_index, s in enumerate(shapes) if s in by_shape]
                 present = [s for s in shapes if s in by_shape]
                 axes[0][column].bar(xs, [by_shape[s]["median_ms"] for s in present], width, label=provider)
-                axes[1][column].bar(xs, [100 * by_shape[s].get("roofline_fraction", 0) for s in present],
+                axes[1][column].bar(xs, [100 * (by_shape[s].get("roofline_fraction") or 0) for s in present],
                                     width, label=provider)
             for row_index, ylabel in enumerate(("median ms (lower is better)", "% of measured roofline")):
                 axis = axes[row_index][column]

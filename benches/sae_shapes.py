@@ -35,8 +35,9 @@ def skip_reason(provider: str, shape: str, device: str) -> str:
         if provider == "pyinterp-triton" and device == "cpu" and not reason:
             reason = "the Triton interpreter is a correctness tool, not a benchmark target"
         return reason
-    if provider == "sparsify" and importlib.util.find_spec("sparsify") is None:
-        return "eai-sparsify is not installed (optional extra: pip install '.[peers]')"
+    peer_packages = {"sparsify": ("sparsify", "eai-sparsify"), "saelens": ("sae_lens", "sae-lens")}
+    if provider in peer_packages and importlib.util.find_spec(peer_packages[provider][0]) is None:
+        return f"{peer_packages[provider][1]} is not installed (optional extra: pip install '.[peers]')"
     return ""
 
 
@@ -79,15 +80,15 @@ def sae_case(op: str, request, record, shape: str, provider: str, direction: str
 
 def time_and_record(benchmark, record, case: SaeCase, step, *, rounds: int, work: float, unit: str) -> None:
     """Warm up, time `step` with pytest-benchmark (median), measure its peak memory, and record the
-    row with throughput = work / time in `unit` (TFLOP/s: work in FLOPs; GB/s: work in bytes)."""
-    from harness import peak_memory_bytes
+    row with throughput = work / time in `unit` (TFLOP/s: work in FLOPs; GB/s: work in bytes;
+    tok/s: work in tokens)."""
+    from harness import UNIT_SCALE, peak_memory_bytes
 
     step()  # warm-up (and compilation for torch-compile)
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
     median_ms = benchmark.stats.stats.median * 1e3
     peak = peak_memory_bytes(step, case.device)
-    scale = 1e12 if unit == "TFLOP/s" else 1e9
-    throughput = work / (median_ms * 1e-3) / scale
+    throughput = work / (median_ms * 1e-3) / UNIT_SCALE[unit]
     record({**case.row, "median_ms": round(median_ms, 3), "peak_mib": round(peak / 2**20, 1),
             "throughput": round(throughput, 4), "unit": unit})
     benchmark.extra_info.update(peak_mib=round(peak / 2**20, 1), throughput=round(throughput, 4), unit=unit)
