@@ -9,8 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness import (RESULTS_DIR, add_baseline_ratios, device_slug, format_table,  # noqa: E402
-                     measure_roofline, roofline_fraction, write_results)
+from harness import (RESULTS_DIR, ROOFLINE_KEYS, add_baseline_ratios, device_slug,  # noqa: E402
+                     format_table, measure_roofline, roofline_fraction, write_results)
 
 _ROWS: list[dict] = []
 _SUMMARY: list[str] = []
@@ -51,10 +51,9 @@ def pytest_sessionfinish(session, exitstatus):
         return
     results_dir = Path(session.config.getoption("--results-dir"))
     for row in _ROWS:
-        if not row.get("skipped"):
+        if not row.get("skipped") and row["unit"] in ROOFLINE_KEYS:
             roofline = _roofline(row["device_kind"], row["dtype"], results_dir)
-            fraction = roofline_fraction(row["throughput"], row["unit"], roofline)
-            row["roofline_fraction"] = None if fraction is None else round(fraction, 4)
+            row["roofline_fraction"] = round(roofline_fraction(row["throughput"], row["unit"], roofline), 4)
     add_baseline_ratios(_ROWS)
     _SUMMARY.append(format_table(_ROWS))
     if not session.config.getoption("--no-record"):

@@ -130,13 +130,14 @@ def measure_roofline(device: str, dtype: torch.dtype) -> dict:
             "copy_gbps": round(2 * source.numel() * 4 / (copy_ms * 1e-3) / 1e9, 1)}
 
 
-UNIT_SCALE = {"TFLOP/s": 1e12, "GB/s": 1e9, "tok/s": 1.0}
+UNIT_SCALE = {"TFLOP/s": 1e12, "GB/s": 1e9, "tok/s": 1.0, "problems/s": 1.0}
+# The units with a measured roofline; the others (whole training steps, solved problems) have none.
+ROOFLINE_KEYS = {"TFLOP/s": "matmul_tflops", "GB/s": "copy_gbps"}
 
 
-def roofline_fraction(throughput: float, unit: str, roofline: dict) -> float | None:
-    """Throughput as a fraction of the measured peak of its unit; None for units without one (tok/s)."""
-    peak = {"TFLOP/s": roofline["matmul_tflops"], "GB/s": roofline["copy_gbps"]}.get(unit)
-    return throughput / peak if peak else None
+def roofline_fraction(throughput: float, unit: str, roofline: dict) -> float:
+    """Throughput as a fraction of the measured peak of its unit."""
+    return throughput / roofline[ROOFLINE_KEYS[unit]]
 
 
 def add_baseline_ratios(rows: list[dict]) -> None:
