@@ -44,6 +44,9 @@ def _worker(rank: int, world_size: int, init_file: str, parallel: str, result_di
             save_file({name: t.contiguous() for name, t in tensors.items()}, f"{result_dir}/tensors.safetensors")
             with open(f"{result_dir}/metrics.json", "w") as handle:
                 json.dump(trainer.last_metrics, handle)
+        # Without it, rank 1 can tear gloo down while rank 0 still writes, and rank 0 aborts
+        # (seen once: SIGABRT, "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 HELP = "train a top-k SAE on a model layer's activations or on activation shards"
 
@@ -104,6 +105,10 @@ def run(args) -> int:
         print(f"done: step {metrics['step']}, {metrics['tokens']} tokens, FVU {metrics['fvu']:.4f}, "
               f"L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.2%}, "
               f"{metrics['tokens_per_s']:.0f} tokens/s; SAE saved in {args.out}")
+    if context.mode != "none":
+        # Every rank done before any tears the group down (a rank leaving early can abort gloo peers).
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
