@@ -4,8 +4,6 @@ decode), EleutherAI sparsify's SparseCoder and SAELens. Tokens/s and peak memory
 Half the latents count as dead, so every provider pays for AuxK."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,8 +62,6 @@ def dense_step(x, latents, k, dead_mask):
 
 
 def sparsify_step(x, latents, k, dead_mask):
-    if DEVICE == "cpu":
-        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU
     from sparsify import SparseCoder, SparseCoderConfig
 
     sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=latents, k=k), device=DEVICE)

@@ -27,6 +27,12 @@ def bench_device() -> str:
     return os.environ.get("PYINTERP_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+if bench_device() == "cpu":
+    # sparsify reads this once, at its import (whichever bench imports it first): its Triton decoder
+    # needs a GPU.
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+
+
 def skip_reason(provider: str, shape: str, device: str) -> str:
     if shape in PAPER_SHAPES and device != "cuda":
         return "paper shapes need a GPU"
