@@ -21,6 +21,7 @@ Rows are appended to benches/results/attribution-<device>.jsonl unless --no-reco
 (-m "not slow" leaves them out; pyinterp then uses Gauss-Legendre N = 8)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -87,6 +88,28 @@ def _layer_states(adapter, features):
     return states[0], states[1]
 
 
+@contextlib.contextmanager
+def _above_layer(adapter, text: str):
+    """(x, r, g, g([x, r])): the text's layer states and its blank reference's, and g, the model
+    above LAYER, usable inside this context."""
+    features = adapter.tokenize([text])
+    x, r = _layer_states(adapter, features)
+    holder = [None]
+    g = _upper_model(adapter, features, holder)
+    with adapter.from_layer(LAYER, holder):
+        with torch.no_grad():
+            ends = g(torch.stack([x, r]))
+        yield x, r, g, ends
+
+
+def _pair_error(ends: list, A_tok: torch.Tensor, scale: float) -> float:
+    """|score - sum(A_tok) - reference terms| of the cosine-scaled dot product of the two embeddings."""
+    emb_a, emb_b = ends[0][0], ends[1][0]
+    score = float(emb_a @ emb_b) * scale
+    refs = (float(ends[0][1] @ emb_b) + float(emb_a @ ends[1][1]) - float(ends[0][1] @ ends[1][1])) * scale
+    return abs(score - float(A_tok.sum()) - refs)
+
+
 def published_method(model, text_a: str, text_b: str, n_steps: int = BASELINE_STEPS):
     """Right Riemann, one reverse pass per output dim, full Jbar and the full feature-pair matrix.
     Returns (A_tok, pair error, max |eps|_2, bytes of the feature-pair matrix)."""
@@ -95,30 +118,22 @@ def published_method(model, text_a: str, text_b: str, n_steps: int = BASELINE_ST
     jbars, deltas, ends = [], [], []
     with eval_mode(model):
         for text in (text_a, text_b):
-            features = adapter.tokenize([text])
-            x, r = _layer_states(adapter, features)
-            holder = [None]
-            g = _upper_model(adapter, features, holder)
-            with adapter.from_layer(LAYER, holder):
+            with _above_layer(adapter, text) as (x, r, g, end):
                 path = (r + alphas[:, None, None] * (x - r)).requires_grad_(True)
                 out = g(path)                                               # (N, E)
                 jbar = torch.stack([torch.autograd.grad(out[:, e].sum(), path, retain_graph=True)[0].mean(0)
                                     for e in range(out.shape[1])])          # (E, S, D)
-                with torch.no_grad():
-                    ends.append(g(torch.stack([x, r])))
+            ends.append(end)
             jbars.append(jbar)
             deltas.append(x - r)
-        emb_a, emb_b = ends[0][0], ends[1][0]
-        scale = 1.0 / float(emb_a.norm() * emb_b.norm())
+        scale = 1.0 / float(ends[0][0].norm() * ends[1][0].norm())
         left = (jbars[0] * deltas[0]).flatten(1)
         right = (jbars[1] * deltas[1]).flatten(1)
         full = left.T @ right * scale                                       # (S_a*D, S_b*D)
         (s_a, width), s_b = deltas[0].shape, deltas[1].shape[0]
         A_tok = full.view(s_a, width, s_b, width).sum((1, 3))
         eps = [(jbars[i] * deltas[i]).sum((1, 2)) - (ends[i][0] - ends[i][1]) for i in range(2)]
-        score = float(emb_a @ emb_b) * scale
-        refs = (float(ends[0][1] @ emb_b) + float(emb_a @ ends[1][1]) - float(ends[0][1] @ ends[1][1])) * scale
-    return A_tok, abs(score - float(A_tok.sum()) - refs), max(float(e.norm()) for e in eps), full.numel() * 4
+    return A_tok, _pair_error(ends, A_tok, scale), max(float(e.norm()) for e in eps), full.numel() * 4
 
 
 def captum_loop(model, text_a: str, text_b: str, n_steps: int = BASELINE_STEPS):
@@ -129,25 +144,17 @@ def captum_loop(model, text_a: str, text_b: str, n_steps: int = BASELINE_STEPS):
     Ps, ends = [], []
     with eval_mode(model):
         for text in (text_a, text_b):
-            features = adapter.tokenize([text])
-            x, r = _layer_states(adapter, features)
-            holder = [None]
-            g = _upper_model(adapter, features, holder)
-            with adapter.from_layer(LAYER, holder):
-                with torch.no_grad():
-                    ends.append(g(torch.stack([x, r])))
+            with _above_layer(adapter, text) as (x, r, g, end):
+                ends.append(end)
                 rows = [IntegratedGradients(lambda states, e=e: g(states)[:, e])
                         .attribute(x[None], r[None], n_steps=n_steps, method="riemann_right",
                                    internal_batch_size=n_steps)[0].sum(-1)
                         for e in range(ends[-1].shape[1])]
             Ps.append(torch.stack(rows))                                    # (E, S)
-    emb_a, emb_b = ends[0][0], ends[1][0]
-    scale = 1.0 / float(emb_a.norm() * emb_b.norm())
+    scale = 1.0 / float(ends[0][0].norm() * ends[1][0].norm())
     A_tok = Ps[0].T @ Ps[1] * scale
-    score = float(emb_a @ emb_b) * scale
-    refs = (float(ends[0][1] @ emb_b) + float(emb_a @ ends[1][1]) - float(ends[0][1] @ ends[1][1])) * scale
     eps = [Ps[i].sum(1) - (ends[i][0] - ends[i][1]) for i in range(2)]
-    return A_tok, abs(score - float(A_tok.sum()) - refs), max(float(e.norm()) for e in eps)
+    return A_tok, _pair_error(ends, A_tok, scale), max(float(e.norm()) for e in eps)
 
 
 # ---------------------------------------------------------------- fixtures
