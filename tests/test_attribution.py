@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from pyinterp import _backend
 from pyinterp.attribution import (METHODS, SparseAutoencoder, attribute_texts, explain_pair, integrated_gradients,
                                   integrated_jacobian, nodes_and_weights, sae_attribution)
+
+from helpers import backends
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -47,7 +49,7 @@ def brute_force(fn, x, r, method, n_steps):
 
 
 def ij_backends():
-    return [b for b in _backend.BACKENDS if not _backend.unavailable_reason(b, torch.device("cpu"))]
+    return backends("ij_accumulate")
 
 
 # ---------------------------------------------------------------- quadrature
@@ -335,7 +337,7 @@ def test_explain_pair_rejects_models_it_cannot_adapt():
 def test_cuda_integrated_jacobian_matches_cpu():
     fn, x, r = make_function(8)
     cpu = integrated_jacobian(fn, x, r, n_steps=5, mode="vjp", return_jbar=True)
-    for backend in [b for b in ("cuda", "triton") if not _backend.unavailable_reason(b, torch.device("cuda"))]:
+    for backend in backends("ij_accumulate", "cuda", reference=False):
         gpu = integrated_jacobian(fn, x.cuda(), r.cuda(), n_steps=5, mode="vjp", return_jbar=True, backend=backend)
         torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gpu.jbar.cpu(), cpu.jbar, rtol=1e-10, atol=1e-12)
