@@ -1,6 +1,6 @@
 """Integrated Jacobians (vector-output integrated gradients) of any batched callable.
 
-For g: R^{S x D} -> R^E, input x and reference r (Delta = x - r), attribution.md defines
+For g: R^{S x D} -> R^E, input x and reference r (Delta = x - r), docs/attribution.md defines
     Jbar = int_0^1 J_g(r + a * Delta) da  ~  sum_k w_k J_g(r + a_k * Delta)        (E, S, D)
     P[e, s] = sum_d Jbar[e, s, d] * Delta[s, d]                                      (E, S)
     eps = P @ 1_S - (g(x) - g(r))                        completeness residual, returned for free
