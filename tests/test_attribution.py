@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from helpers import kernel_backends
-from pyinterp import _backend
 from pyinterp.attribution import (METHODS, TextAttribution, attribute_texts, explain_pair, integrated_gradients,
                                   integrated_jacobian, nodes_and_weights, sae_attribution, sae_feature_attribution)
 from pyinterp.nn import BatchTopKSAE, TopKSAE
+
+from helpers import backends
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -86,7 +87,7 @@ def test_matches_brute_force_jacobian_at_every_node(method):
     torch.testing.assert_close(vjp.eps, vjp.P.sum(1) - (vjp.g_x - vjp.g_r))
 
 
-@pytest.mark.parametrize("backend", kernel_backends() + ["torch"])
+@pytest.mark.parametrize("backend", backends("ij_accumulate"))
 def test_every_accumulation_backend_in_the_loop(backend):
     fn, x, r = make_function(1)
     result = integrated_jacobian(fn, x.float(), r.float(), n_steps=3, mode="vjp", return_jbar=True,
@@ -238,7 +239,8 @@ def explicit_unit_attributions(fn, sae, x, r, n_steps):
     return explicit.jbar * (codes_and_error(x) - codes_and_error(r))
 
 
-SAE_BACKENDS = kernel_backends() + ["torch"]
+# an SAE runs topk_encode and sparse_decode on its one backend
+SAE_BACKENDS = [b for b in backends("topk_encode") if b in backends("sparse_decode")]
 
 
 @pytest.mark.parametrize("backend", [b for b in SAE_BACKENDS if b != "triton"])  # triton: fp32/fp16/bf16 only
@@ -462,7 +464,7 @@ def test_explain_pair_rejects_models_it_cannot_adapt():
 def test_cuda_integrated_jacobian_matches_cpu():
     fn, x, r = make_function(8)
     cpu = integrated_jacobian(fn, x, r, n_steps=5, mode="vjp", return_jbar=True)
-    for backend in [b for b in ("cuda", "triton") if not _backend.unavailable_reason(b, torch.device("cuda"))]:
+    for backend in backends("ij_accumulate", "cuda", reference=False):
         gpu = integrated_jacobian(fn, x.cuda(), r.cuda(), n_steps=5, mode="vjp", return_jbar=True, backend=backend)
         torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gpu.jbar.cpu(), cpu.jbar, rtol=1e-10, atol=1e-12)
