@@ -470,6 +470,29 @@ def test_cuda_integrated_jacobian_matches_cpu():
         torch.testing.assert_close(gpu.jbar.cpu(), cpu.jbar, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.gpu
+def test_cuda_sae_split_matches_cpu():
+    """The SAE split with the SAE and the states on the GPU, on each GPU backend both SAE ops share,
+    against the float32 CPU reference backend."""
+    fn, x, r = make_function(12)
+    x, r = x.float(), r.float()
+    tokens = [str(s) for s in range(S)]
+    sae = random_sae(16, 3, seed=12, dtype=torch.float32, backend="torch")
+    result = integrated_jacobian(lambda z: fn(z.double()), x, r, n_steps=3, mode="vjp", return_jbar=True)
+    cpu = sae_feature_attribution(TextAttribution(tokens, result, x, r), sae)
+    gpu_result = integrated_jacobian(lambda z: fn(z.double()), x.cuda(), r.cuda(), n_steps=3, mode="vjp",
+                                     return_jbar=True)
+    shared = [b for b in backends("topk_encode", "cuda", reference=False)
+              if b in backends("sparse_decode", "cuda", reference=False)]
+    assert shared
+    for backend in shared:
+        sae_gpu = random_sae(16, 3, seed=12, dtype=torch.float32, backend=backend).cuda()
+        gpu = sae_feature_attribution(TextAttribution(tokens, gpu_result, x.cuda(), r.cuda()), sae_gpu)
+        assert torch.equal(gpu.features.cpu(), cpu.features), backend
+        torch.testing.assert_close(gpu.contributions.cpu(), cpu.contributions, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gpu.error.cpu(), cpu.error, rtol=1e-4, atol=1e-5)
+
+
 def test_cli_prints_figures_and_writes_heatmap(tmp_path, capsys):
     import argparse
 
