@@ -24,12 +24,13 @@ def tokenizer():
     return models.load_default_model().tokenizer
 
 
-def tiny_model(kind: str, vocab: int):
+def tiny_model(kind: str, vocab: int, initializer_range: float = 0.02):
     import transformers
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=vocab, n_positions=64)
+        config = transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=vocab, n_positions=64,
+                                         initializer_range=initializer_range)
         return transformers.GPT2LMHeadModel(config).eval()
     config = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=16, intermediate_size=32,
                                       num_attention_heads=2, num_key_value_heads=2, vocab_size=vocab,
@@ -193,3 +194,49 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
     assert cli.main(["cache-activations", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "pyinterp cache-activations: error: --corpus" in capsys.readouterr().err
+
+
+def identity_sae(width: int):
+    """TopK SAE with latents +e_i and -e_i and k = width: relu(x_i) e_i + relu(-x_i) (-e_i) = x exactly."""
+    from pyinterp.nn import TopKSAE
+
+    sae = TopKSAE(width, 2 * width, width, k_aux=0, backend="torch")
+    eye = torch.eye(width)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+    return sae
+
+
+def test_spliced_identity_sae_changes_nothing_and_a_zero_sae_is_zero_ablation(tokenizer, tmp_path):
+    from pyinterp.sae import evaluate
+
+    model = tiny_model("gpt2", tokenizer.vocab_size, initializer_range=0.5)  # hidden states matter
+    points = hookpoints.resolve(model, ["transformer.h.1"])
+    windows = list(corpus.context_windows(TEXTS, tokenizer, 12))[:6]
+    result = evaluate.evaluate(model, {"transformer.h.1": identity_sae(16)}, points, windows,
+                               batch_windows=4)["transformer.h.1"]
+    assert result["tokens"] == 6 * 12 and result["l0"] <= 16
+    assert abs(result["delta_ce"]) < 1e-5 and result["kl"] < 1e-6 and result["fvu"] < 1e-10
+    assert abs(result["ce_zero"] - result["ce_clean"]) > 1e-2 and abs(result["loss_recovered"] - 1) < 1e-4
+    zero = identity_sae(16)
+    with torch.no_grad():
+        zero.W_dec.zero_()
+    result = evaluate.evaluate(model, {"transformer.h.1": zero}, points, windows, exclude_first=True)
+    assert abs(result["transformer.h.1"]["loss_recovered"]) < 1e-4
+    assert result["transformer.h.1"]["tokens"] == 6 * 11
+
+
+def test_eval_cli_reports_and_refuses_bad_arguments(tmp_path, capsys):
+    from pyinterp import cli
+
+    path = write_corpus(tmp_path, "txt")
+    assert cli.main(["eval-sae", "--corpus", str(path), "--sae", "nofolder"]) == 2
+    assert "HOOKPOINT=DIR" in capsys.readouterr().err
+    sae_dir = tmp_path / "sae"
+    identity_sae(384).save(sae_dir)
+    out = tmp_path / "metrics.json"
+    assert cli.main(["eval-sae", "--corpus", str(path), "--sae", f"encoder.layer.2={sae_dir}",
+                     "--windows", "2", "--context-length", "16", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())["encoder.layer.2"]
+    assert metrics["fvu"] < 1e-8 and "delta_ce" not in metrics  # an encoder has no next-token loss
