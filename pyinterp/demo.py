@@ -10,10 +10,12 @@ HELP = "run every op on the embedded default model and text, check backends agre
 
 
 def add_arguments(parser) -> None:
+    from pyinterp.cli import positive_int
+
     parser.add_argument("--layer", type=int, default=3, help="MiniLM layer whose outputs are encoded (default 3)")
     parser.add_argument("--latents", type=int, default=4096, help="SAE latents M (default 4096)")
     parser.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
-    parser.add_argument("--texts", type=int, default=256, help="docstring sentences to embed (default 256)")
+    parser.add_argument("--texts", type=positive_int, default=256, help="docstring sentences to embed (default 256)")
 
 
 def _median_ms(fn, repeats: int = 5) -> float:

@@ -19,7 +19,7 @@ import torch
 
 from pyinterp.sae import corpus as corpus_module
 from pyinterp.sae import hookpoints as hookpoints_module
-from pyinterp.sae.checkpoint import atomic_write_json, atomic_write_safetensors
+from pyinterp._atomic import atomic_write_json, atomic_write_safetensors
 
 HELP = "cache a Hugging Face model's activations at hookpoints over a text corpus as safetensors shards"
 MANIFEST = "manifest.json"
