@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -96,9 +97,12 @@ def _hidden(value):
 def capture(model: nn.Module, points: list[Hookpoint], **inputs) -> dict[str, torch.Tensor]:
     """Run `model(**inputs)` until every hookpoint has fired; {name: tensor (batch, positions, d)}."""
     captured: dict[str, torch.Tensor] = {}
+    owner = threading.get_ident()  # a forward of the same model in another thread is not ours
 
     def hook_for(point: Hookpoint):
         def read(_module, args, output=None):
+            if threading.get_ident() != owner:
+                return
             if point.name in captured:
                 raise RuntimeError(f"hookpoints: {point.name} ran twice in one forward pass; hook a "
                                    "module that runs once")
