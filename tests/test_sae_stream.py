@@ -3,6 +3,7 @@ the multi-hookpoint run equal to separate single-hookpoint runs, and resume."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -93,3 +94,35 @@ def test_multi_hookpoint_run_equals_separate_runs_and_resume_equals_uninterrupte
         a = load_file(str(tmp_path / "both" / name / "sae.safetensors"))
         b = load_file(str(tmp_path / "resumed" / name / "sae.safetensors"))
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("skip_connection", [False, True])
+def test_transcoder_of_an_mlp_learns_and_round_trips(tmp_path, tokenizer, skip_connection):
+    from pyinterp.nn import TopKTranscoder
+
+    model = tiny_model("llama", tokenizer.vocab_size)
+    path = write_corpus(tmp_path, "txt")
+    sources = sources_for(tokenizer, model, path, ["model.layers.1.mlp:input", "model.layers.1.mlp"])
+    paired = sources["model.layers.1.mlp:input"].paired_with(sources["model.layers.1.mlp"])
+    config = dataclasses.replace(CONFIG, tokens=96 * 40, log_every=5, lr=3e-3)
+    fvus = []
+
+    def make(name, source):
+        transcoder = TopKTranscoder(16, 16, 64, 6, skip_connection=skip_connection, backend="cpu")
+        trainer = Trainer(transcoder, source, config, tmp_path / "tc")
+        original = trainer._write_metrics
+        trainer._write_metrics = lambda metrics: (fvus.append(metrics["fvu"]), original(metrics))
+        return trainer
+
+    stream.train_streaming({"mlp": paired}, make)
+    assert fvus[-1] < 0.8 * fvus[0]
+    loaded = TopKTranscoder.load(tmp_path / "tc", backend="torch")
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    assert cfg["transcode"] is True and cfg["skip_connection"] is skip_connection
+    x = torch.randn(5, 16)
+    assert loaded.transcode(x).shape == (5, 16) and (loaded.W_skip is not None) == skip_connection
+    with pytest.raises(ValueError, match="not a transcoder"):
+        from pyinterp.nn import TopKSAE
+
+        TopKSAE(16, 32, 4).save(tmp_path / "plain")
+        TopKTranscoder.load(tmp_path / "plain")

@@ -142,10 +142,11 @@ class HookpointStream:
 
     def _needed_by(self, index: int) -> set[str]:
         if self._starts is None:
-            return set(self.widths)
+            return {"(every consumer)"}
         return {name for name, start in self._starts.items() if start <= index}
 
     def start_at(self, starts: dict[str, int]) -> None:
+        """starts: {consumer: its first micro-batch}; the consumers are the trainers' sources."""
         with self._lock:
             self._starts = dict(starts)
             for index in list(self._cache):
@@ -153,7 +154,8 @@ class HookpointStream:
                 if not self._needed_by(index):
                     del self._cache[index]
 
-    def batch(self, name: str, index: int) -> torch.Tensor:
+    def batch(self, consumer: str, index: int, names: tuple[str, ...]) -> torch.Tensor:
+        """Micro-batch `index` of the hookpoints `names` side by side, for `consumer`."""
         with self._lock:
             while self.shuffle.produced <= index:
                 produced = self.shuffle.produced
@@ -161,25 +163,34 @@ class HookpointStream:
                 if self._needed_by(produced):
                     self._cache[produced] = (rows, set())
             if index not in self._cache:
-                raise RuntimeError(f"micro-batch {index} of {name} was already dropped: every SAE takes "
-                                   "the micro-batches in order")
+                raise RuntimeError(f"micro-batch {index} of {consumer} was already dropped: every SAE "
+                                   "takes the micro-batches in order")
             rows, taken = self._cache[index]
             if self._starts is not None:
-                taken.add(name)
+                taken.add(consumer)
                 if taken >= self._needed_by(index):
                     del self._cache[index]
-            start, stop = self.columns[name]
-            return rows[:, start:stop].contiguous()
+            return torch.cat([rows[:, slice(*self.columns[name])] for name in names], dim=1)
 
 
 class StreamedHookpoint(ActivationSource):
-    """One hookpoint of a HookpointStream, as an activation source for Trainer."""
+    """Hookpoints of a HookpointStream as an activation source for Trainer: one hookpoint's rows, or
+    for a transcoder (pyinterp/nn/transcoder.py) its input's rows beside its target's."""
 
-    def __init__(self, stream: HookpointStream, name: str, identity: dict, batch_size: int, seed: int):
-        self.stream, self.name, self._identity = stream, name, identity
+    def __init__(self, stream: HookpointStream, names: tuple[str, ...], identity: dict, batch_size: int,
+                 seed: int):
+        self.stream, self.names, self._identity = stream, tuple(names), identity
         self.batch_size, self.seed = batch_size, seed
-        self.d_model = stream.widths[name]
-        self.num_tokens = identity.get("tokens_seen", 0)
+        self.name = " -> ".join(self.names)
+        self.d_model = sum(stream.widths[name] for name in self.names)
+        self.num_tokens = 0  # unbounded
+
+    def paired_with(self, target: "StreamedHookpoint") -> "StreamedHookpoint":
+        """A transcoder's source: this hookpoint's rows, then the target's, from the same tokens."""
+        if target.stream is not self.stream:
+            raise ValueError("a transcoder's input and target must come from one stream (streamed_sources)")
+        return StreamedHookpoint(self.stream, self.names + target.names, self._identity, self.batch_size,
+                                 self.seed)
 
     def shuffled(self, batch_size: int, seed: int) -> "StreamedHookpoint":
         if (batch_size, seed) != (self.batch_size, self.seed):
@@ -188,14 +199,14 @@ class StreamedHookpoint(ActivationSource):
         return self
 
     def batch(self, index: int) -> torch.Tensor:
-        return self.stream.batch(self.name, index)
+        return self.stream.batch(self.name, index, self.names)
 
     def describe(self) -> str:
         return (f"{self.name} of {self._identity['model']} streamed over {self._identity['corpus']} "
                 f"(context {self._identity['context_length']})")
 
     def identity(self) -> dict:
-        return dict(self._identity, hookpoint=self.name)
+        return dict(self._identity, hookpoints=list(self.names))
 
 
 def model_blocks(model, tokenizer, corpus: str, points, *, context_length: int, exclude_first: bool,
@@ -239,12 +250,12 @@ def streamed_sources(model, tokenizer, corpus: str, points, *, batch_size: int, 
     identity = {"model": model_name or type(model).__name__, "corpus": str(corpus),
                 "text_column": text_column, "context_length": context_length,
                 "exclude_first": exclude_first, "buffer_tokens": buffer_tokens}
-    return {name: StreamedHookpoint(stream, name, identity, batch_size, seed) for name in widths}
+    return {name: StreamedHookpoint(stream, (name,), identity, batch_size, seed) for name in widths}
 
 
 def train_streaming(sources: dict[str, StreamedHookpoint], make_trainer) -> dict[str, dict]:
-    """Train one SAE per hookpoint, each Trainer (make_trainer(name, source)) in its own thread, all
-    from the shared stream; returns {name: last metrics}. An error in any stops the run."""
+    """Train one SAE (or transcoder) per source, each Trainer (make_trainer(name, source)) in its own
+    thread, all from the shared stream; returns {name: last metrics}. An error in any stops the run."""
     trainers = {name: make_trainer(name, source) for name, source in sources.items()}
     streams = {id(source.stream): source.stream for source in sources.values()}
     if len(streams) != 1:
@@ -254,7 +265,7 @@ def train_streaming(sources: dict[str, StreamedHookpoint], make_trainer) -> dict
             raise ValueError("train_streaming: data parallelism over a streamed source is not supported; "
                              "cache the activations and train on shards (train-sae --shards)")
     next(iter(streams.values())).start_at(
-        {name: trainer._micro_batch_index(trainer.step, 0) for name, trainer in trainers.items()})
+        {sources[name].name: trainer._micro_batch_index(trainer.step, 0) for name, trainer in trainers.items()})
     results: dict[str, dict] = {}
     errors: list[BaseException] = []
 
