@@ -195,6 +195,12 @@ def test_training_step_has_no_host_sync(architecture):
     with _HostSyncDetector() as detector:
         trainer.train_step()
     assert detector.syncs == []
+    before = [p.detach().clone() for p in sae.parameters()]
+    trainer._batch = lambda step, accumulation: torch.full((32, 12), float("nan"))  # noqa: E731
+    with _HostSyncDetector() as detector:
+        trainer.train_step()  # skipped on the device: still no sync
+    assert detector.syncs == []
+    assert all(torch.equal(a, b) for a, b in zip(before, sae.parameters()))
 
 
 # ---- the whole step against a float64 reference ----
