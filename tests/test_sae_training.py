@@ -1,5 +1,5 @@
 """SAE modules and trainer: parity with a float64 dense reference of the whole step (AuxK included),
-the three library bugs of sae.md, dead-latent bookkeeping without host syncs, checkpoints (round
+the three library bugs of docs/SAE_TRAINING.md, dead-latent bookkeeping without host syncs, checkpoints (round
 trip, resume = uninterrupted run, crash mid-write), sparsify's layout, bad configs, the CLI."""
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""The SAE trainer: FVU + AuxK (sae.md), dead latents counted on the device, decoder renorm and
-gradient projection, Adam (fused where available), bf16 autocast over fp32 master weights (no
-GradScaler: bf16 has fp32's exponent range), gradient accumulation, progress bar and JSONL metrics,
-atomic checkpoints that resume the same run, and DDP / latent-sharded multi-process training.
+"""The SAE trainer: FVU + AuxK (docs/SAE_TRAINING.md), dead latents counted on the device, decoder
+renorm and gradient projection, Adam (fused where available), bf16 autocast over fp32 master weights
+(no GradScaler: bf16 has fp32's exponent range), gradient accumulation, progress bar and JSONL
+metrics, verified checkpoints that resume the same run, steps with non-finite losses or gradients
+skipped on the device, and DDP / latent-sharded multi-process training.
 
-A training step reads nothing back to the host: losses, L0 and the dead-latent bookkeeping stay on
-the device and are read only every `log_every` steps."""
+A training step reads nothing back to the host: losses, L0, the non-finite flags and the
+dead-latent bookkeeping stay on the device and are read only every `log_every` steps."""
 from __future__ import annotations
 
 import contextlib
