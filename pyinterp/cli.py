@@ -32,7 +32,7 @@ def report(command: str, exc: BaseException) -> int:
 
 
 # ---- argparse types: a bad value is an argparse error (exit 2) that names the flag ----
-def _integer(low: int, meaning: str):
+def integer_at_least(low: int, meaning: str):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -45,8 +45,8 @@ def _integer(low: int, meaning: str):
     return parse
 
 
-positive_int = _integer(1, ">= 1")
-nonnegative_int = _integer(0, ">= 0")
+positive_int = integer_at_least(1, ">= 1")
+nonnegative_int = integer_at_least(0, ">= 0")
 
 
 def finite_float(low: float | None = None, *, inclusive: bool = True, high: float | None = None):

@@ -1,5 +1,5 @@
 """SAE modules and trainer: parity with a float64 dense reference of the whole step (AuxK included),
-the three library bugs of sae.md, dead-latent bookkeeping without host syncs, checkpoints (round
+the three library bugs of docs/SAE_TRAINING.md, dead-latent bookkeeping without host syncs, checkpoints (round
 trip, resume = uninterrupted run, crash mid-write), sparsify's layout, bad configs, the CLI."""
 from __future__ import annotations
 
@@ -195,6 +195,12 @@ def test_training_step_has_no_host_sync(architecture):
     with _HostSyncDetector() as detector:
         trainer.train_step()
     assert detector.syncs == []
+    before = [p.detach().clone() for p in sae.parameters()]
+    trainer._batch = lambda step, accumulation: torch.full((32, 12), float("nan"))  # noqa: E731
+    with _HostSyncDetector() as detector:
+        trainer.train_step()  # skipped on the device: still no sync
+    assert detector.syncs == []
+    assert all(torch.equal(a, b) for a, b in zip(before, sae.parameters()))
 
 
 # ---- the whole step against a float64 reference ----

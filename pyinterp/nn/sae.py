@@ -1,4 +1,4 @@
-"""Top-k sparse autoencoders on pyinterp's fused ops, with the losses of sae.md (FVU + AuxK).
+"""Top-k sparse autoencoders on pyinterp's fused ops, with the losses of docs/SAE_TRAINING.md (FVU + AuxK).
 
 Saved in EleutherAI sparsify's layout (a folder with `sae.safetensors` holding encoder.weight,
 encoder.bias, W_dec, b_dec, and `cfg.json`), so SAEs trained by either library load in the other."""
@@ -54,7 +54,7 @@ class TopKSAE(nn.Module):
     """z = (x - b_dec) @ W_enc^T + b_enc; keep the k largest per token (ReLU'd); x_hat = sum of
     their W_dec rows + b_dec. Parameters are W_enc, W_dec (n_latents, d_model), b_enc, b_dec.
 
-    Init (sae.md, Gao et al. 2024): W_dec rows random unit vectors, W_enc = W_dec, biases zero;
+    Init (docs/SAE_TRAINING.md, Gao et al. 2024): W_dec rows random unit vectors, W_enc = W_dec, biases zero;
     call init_b_dec(first_batch) before training. Under torch.autocast the fused ops run in the
     autocast dtype on casts of the (fp32 master) weights. backend: that of the ops ("auto", "cuda",
     "triton", "cpu", "torch")."""
@@ -180,7 +180,7 @@ class TopKSAE(nn.Module):
 
     def _aux_loss(self, target: Tensor, x_hat: Tensor, aux_values: Tensor, aux_indices: Tensor,
                   num_dead: Tensor, variance_floor: float | None) -> Tensor:
-        """AuxK (sae.md): the dead latents' reconstruction e_hat of the residual e = x - x_hat
+        """AuxK (docs/SAE_TRAINING.md): the dead latents' reconstruction e_hat of the residual e = x - x_hat
         (stop-grad); e_hat has NO b_dec (it is inside e already). Normalised by ||e - mean(e)||^2,
         scaled by min(#dead / k_aux, 1) on the device (zero when none are dead: no host sync)."""
         residual = (target - x_hat.to(target.dtype)).detach()

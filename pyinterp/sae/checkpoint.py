@@ -34,14 +34,20 @@ def _committed_tensors_file(folder: Path) -> str | None:
         return None
 
 
+def _remove_tensors_files(folder: Path, keep: str) -> None:
+    for path in folder.glob("checkpoint-*.safetensors"):
+        if _TENSORS_FILE.match(path.name) and path.name != keep:
+            path.unlink(missing_ok=True)
+
+
 def clean_folder(folder: Path) -> None:
-    """Remove killed writers' temporaries and tensors files no manifest names."""
+    """Remove killed writers' temporaries, and the tensors files a readable manifest does not name
+    (with no readable manifest they stay: they may be all that is left of the run)."""
     folder = Path(folder)
     remove_stale_temporaries(folder)
     committed = _committed_tensors_file(folder)
-    for path in folder.glob("checkpoint-*.safetensors"):
-        if _TENSORS_FILE.match(path.name) and path.name != committed:
-            path.unlink(missing_ok=True)
+    if committed:
+        _remove_tensors_files(folder, committed)
 
 
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
@@ -49,15 +55,13 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clean_folder(folder)
-    previous = _committed_tensors_file(folder)
     name = f"checkpoint-{state['step']:09d}-{secrets.token_hex(4)}.safetensors"
     digest = atomic_write_safetensors(folder / name, tensors, {"step": str(state["step"])})
     manifest = {"format": FORMAT, "version": VERSION, **state,
                 "tensors": {"file": name, "sha256": digest}}
     atomic_write_json(folder / MANIFEST, manifest)
     kill_point("checkpoint-committed")
-    if previous and previous != name:
-        (folder / previous).unlink(missing_ok=True)
+    _remove_tensors_files(folder, name)  # the previous checkpoint and any a killed write left
 
 
 def require(mapping: dict, field: str, where) -> object:

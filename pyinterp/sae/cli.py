@@ -18,7 +18,7 @@ COMMAND = "train-sae"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pyinterp.cli import _integer, finite_float, nonnegative_int, positive_int
+    from pyinterp.cli import integer_at_least, finite_float, nonnegative_int, positive_int
     from pyinterp.sae.distributed import PARALLEL_MODES
     from pyinterp.sae.trainer import NONFINITE_POLICIES, PRECISIONS, TrainConfig
 
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training (defaults: pyinterp.sae.TrainConfig's)")
     train.add_argument("--tokens", type=positive_int, default=defaults.tokens,
                        help=f"training tokens (default {defaults.tokens:,})")
-    train.add_argument("--batch-size", type=_integer(2, ">= 2 (the FVU needs a variance)"),
+    train.add_argument("--batch-size", type=integer_at_least(2, ">= 2 (the FVU needs a variance)"),
                        default=defaults.batch_size,
                        help=f"tokens per micro-batch per rank (default {defaults.batch_size})")
     train.add_argument("--grad-accumulation", type=positive_int, default=defaults.grad_accumulation,
@@ -121,8 +121,6 @@ def _check_arguments(args) -> None:
         raise CommandError(f"--k-aux {args.k_aux} is more than --latents {args.latents}")
     if args.allow_changes and not args.resume:
         raise CommandError("--allow-changes only applies with --resume")
-    if not str(args.layer).isdigit() and not str(args.layer).strip():
-        raise CommandError("--layer must be a layer number or a module name")
 
 
 def _describe(metrics: dict) -> str:
@@ -133,7 +131,7 @@ def _describe(metrics: dict) -> str:
 
 def run(args) -> int:
     from pyinterp.cli import CommandError, check_writable_folder, report
-    from pyinterp.sae.checkpoint import CheckpointError
+    from pyinterp.sae.checkpoint import MANIFEST, CheckpointError
     from pyinterp.sae.data import ShardSource, harvest_model_activations
     from pyinterp.sae.distributed import parallel_context
     from pyinterp.sae.trainer import NonFiniteError, TrainConfig, Trainer, build_sae
@@ -143,7 +141,7 @@ def run(args) -> int:
         device = _device(args.device)
         _check_backend(args.backend, device)
         out = check_writable_folder("--out", args.out)
-        if args.resume and not (out / "checkpoint.json").is_file():
+        if args.resume and not (out / MANIFEST).is_file():
             raise CommandError(f"--resume: no checkpoint in {out} (checkpoint.json)")
         context = parallel_context(args.parallel)
         if args.shards:

@@ -124,6 +124,7 @@ class ShardSource(ActivationSource):
             raise ValueError(f"shards: files in {self.folder} disagree on d_model: "
                              + ", ".join(f"{p.name}: {a.shape[1]}" for p, a in zip(paths, self.shards)))
         self.paths = paths
+        self._identity: dict | None = None
         self.d_model = widths.pop()
         self.offsets = np.cumsum([0] + [array.shape[0] for array in self.shards])
         self.num_tokens = int(self.offsets[-1])
@@ -146,7 +147,12 @@ class ShardSource(ActivationSource):
 
     def identity(self) -> dict:
         """Each file's name, shape, dtype and size, and a hash of its first and last MiB (reading
-        every shard at each start would cost as much as an epoch)."""
+        every shard at each start would cost as much as an epoch); computed once."""
+        if self._identity is None:
+            self._identity = self._fingerprint()
+        return self._identity
+
+    def _fingerprint(self) -> dict:
         digest = hashlib.sha256()
         for path in self.paths:
             with open(path, "rb") as handle:

@@ -3,7 +3,7 @@
 - "ddp": every rank holds the whole SAE and its own micro-batches; DistributedDataParallel averages
   the gradients.
 - "latents": every rank sees the same micro-batches and holds n_latents / R latents (rows of W_enc,
-  b_enc, W_dec; b_dec replicated). The exact distributed top-k of sae.md: local fused top-k, all-gather
+  b_enc, W_dec; b_dec replicated). The exact distributed top-k of docs/SAE_TRAINING.md: local fused top-k, all-gather
   the N x k candidates (values + global indices), top-k of the union; each rank decodes its own
   latents and the partial sums are all-reduced. The loss is then identical on every rank, and so is
   its gradient G; each rank's own latents get their exact gradients from G, and b_dec's encoder-side

@@ -1,10 +1,11 @@
-"""The SAE trainer: FVU + AuxK (sae.md), dead latents counted on the device, decoder renorm and
-gradient projection, Adam (fused where available), bf16 autocast over fp32 master weights (no
-GradScaler: bf16 has fp32's exponent range), gradient accumulation, progress bar and JSONL metrics,
-atomic checkpoints that resume the same run, and DDP / latent-sharded multi-process training.
+"""The SAE trainer: FVU + AuxK (docs/SAE_TRAINING.md), dead latents counted on the device, decoder
+renorm and gradient projection, Adam (fused where available), bf16 autocast over fp32 master weights
+(no GradScaler: bf16 has fp32's exponent range), gradient accumulation, progress bar and JSONL
+metrics, verified checkpoints that resume the same run, steps with non-finite losses or gradients
+skipped on the device, and DDP / latent-sharded multi-process training.
 
-A training step reads nothing back to the host: losses, L0 and the dead-latent bookkeeping stay on
-the device and are read only every `log_every` steps."""
+A training step reads nothing back to the host: losses, L0, the non-finite flags and the
+dead-latent bookkeeping stay on the device and are read only every `log_every` steps."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pyinterp import _validation
-from pyinterp._atomic import atomic_write_text
+from pyinterp._atomic import atomic_write_text, kill_point
 from pyinterp.nn.sae import BatchTopKSAE, TopKSAE, total_variance, write_sae_folder
 from pyinterp.sae import checkpoint
 from pyinterp.sae.data import ActivationSource
@@ -264,6 +265,7 @@ class Trainer:
         self._first_skipped = torch.where((self._first_skipped < 0) & ~finite, float(self.step),
                                           self._first_skipped)
         self.step += 1
+        kill_point("train-step")
 
     def _optimizer_step(self, finite: Tensor) -> None:
         if self._guard_on_device:
@@ -299,23 +301,26 @@ class Trainer:
                    "dead_fraction": dead_fraction, "lr": self.optimizer.param_groups[0]["lr"],
                    "tokens_per_s": steps * self.tokens_per_step / max(seconds, 1e-9),
                    "skipped_steps": skipped}
-        self._nonfinite_verdict(metrics, steps, skipped, bad_input, int(first))
+        self._nonfinite_verdict(metrics, skipped, bad_input, int(first), applied=batches > 0)
         return metrics
 
-    def _nonfinite_verdict(self, metrics: dict, steps: int, skipped: int, bad_input: int, first: int) -> None:
-        if not skipped or (self.config.nonfinite == "skip" and skipped < steps):
+    def _nonfinite_verdict(self, metrics: dict, skipped: int, bad_input: int, first: int, applied: bool) -> None:
+        if not skipped or (self.config.nonfinite == "skip" and applied):
             return
         self.last_metrics = metrics
         self._write_metrics(metrics)
         cause = (f"; the activations themselves were non-finite in {bad_input} of them" if bad_input
                  else "")
-        why = ("nonfinite='stop'" if self.config.nonfinite == "stop"
-               else "nonfinite='skip', but every step of the window was skipped")
+        if self.config.nonfinite == "stop":
+            why = ("nonfinite='stop'. To skip such steps and go on, resume with nonfinite='skip' "
+                   "(--nonfinite skip)")
+        else:
+            why = "nonfinite='skip', but no step of the window could be applied: check the activations"
         kept = f"; the checkpoint in {self.out_dir} is untouched" if self.out_dir is not None else ""
+        steps = self.step - (self.step - 1) // self.config.log_every * self.config.log_every
         raise NonFiniteError(f"step {self.step}: {skipped} of the last {steps} steps had a non-finite loss or "
                              f"gradient (the first at step {first}){cause}. Their updates were skipped and "
-                             f"training stopped ({why}){kept}. To skip such steps and go on, resume with "
-                             f"nonfinite='skip' (--nonfinite skip).")
+                             f"training stopped{kept} ({why}).")
 
     def _write_metrics(self, metrics: dict) -> None:
         if self.out_dir is not None and self.context.is_main:
@@ -377,6 +382,10 @@ class Trainer:
             if "step" in state:
                 tensors[f"adam.{name}.step"] = state["step"].reshape(1)
         tensors["dead.tokens_since_fired"] = self.sae.gather_latent_rows("W_enc", self.dead.tokens_since_fired)
+        # The log window so far (summed over data-parallel ranks), so a resumed run logs the same lines.
+        window = torch.cat([self._metric_sums, self._metric_batches[None]])
+        tensors["window.sums"] = self.context.sum_over_data_ranks(window.clone())
+        tensors["window.skipped"] = torch.cat([self._skipped, self._first_skipped[None]])
         return tensors
 
     def _check_finite(self, tensors: dict[str, Tensor], what: str) -> None:
@@ -452,7 +461,8 @@ class Trainer:
             field(name)
         whole = {name: tuple(self.sae.gather_latent_rows(name, p).shape) for name, p in self.sae.named_parameters()}
         expected = {f"sae.{name}": tuple(t.shape) for name, t in self.sae.export_tensors().items()}
-        expected["dead.tokens_since_fired"] = (self.sae.n_latents,)
+        expected.update({"dead.tokens_since_fired": (self.sae.n_latents,), "window.sums": (4,),
+                         "window.skipped": (3,)})
         expected.update({f"adam.{name}.{key}": shape for name, shape in whole.items()
                          for key in ("exp_avg", "exp_avg_sq")})
         expected.update({f"adam.{name}.step": (1,) for name, _ in self.sae.named_parameters()})
@@ -469,6 +479,11 @@ class Trainer:
                                  for name, t in tensors.items() if name.startswith("sae.")})
         self.dead.tokens_since_fired.copy_(
             self.sae.local_latent_rows("W_enc", tensors["dead.tokens_since_fired"].to(self.device)))
+        window = tensors["window.sums"].to(self.device) * (self.context.data_rank == 0)  # counted once
+        self._metric_sums.copy_(window[:3])
+        self._metric_batches.copy_(window[3])
+        self._skipped.copy_(tensors["window.skipped"][:2])
+        self._first_skipped.copy_(tensors["window.skipped"][2])
         self.step, self.data_variance = state["step"], state["data_variance"]
         self.skipped_steps, self.last_metrics = state["skipped_steps"], state["last_metrics"]
         if self.context.is_main:
