@@ -126,3 +126,27 @@ def test_transcoder_of_an_mlp_learns_and_round_trips(tmp_path, tokenizer, skip_c
 
         TopKSAE(16, 32, 4).save(tmp_path / "plain")
         TopKTranscoder.load(tmp_path / "plain")
+
+
+def test_cli_streams_several_hookpoints_and_a_transcoder_then_evaluates(tmp_path, tokenizer, capsys):
+    from pyinterp import cli
+
+    model = tiny_model("llama", tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    path = write_corpus(tmp_path, "parquet")
+    common = ["train-sae", "--model", str(tmp_path / "model"), "--corpus", str(path), "--latents", "32",
+              "--k", "4", "--tokens", "960", "--batch-size", "96", "--context-length", "13", "--backend", "cpu",
+              "--buffer-tokens", "400", "--log-every", "5", "--out", str(tmp_path / "out")]
+    assert cli.main(common + ["--layers", "1-2", "--transcode", "model.layers.1.mlp:input=model.layers.1.mlp"]) == 0
+    printed = capsys.readouterr().out
+    assert "tok/s of the pipeline" in printed and "model forward" in printed
+    for folder in ("model.layers.0", "model.layers.1", "model.layers.1.mlp-input=model.layers.1.mlp"):
+        assert (tmp_path / "out" / folder / "sae.safetensors").is_file()
+    assert cli.main(["eval-sae", "--model", str(tmp_path / "model"), "--corpus", str(path), "--windows", "4",
+                     "--context-length", "13", "--sae", f"model.layers.1={tmp_path / 'out' / 'model.layers.1'}"]) == 0
+    assert "delta_ce" in capsys.readouterr().out
+    assert cli.main(common + ["--hookpoints", "model.layerz.1"]) == 2
+    assert "close: model.layers.1" in capsys.readouterr().err
+    assert cli.main(common[:-2] + ["--out", str(tmp_path / "o2")]) == 2
+    assert "--corpus needs --hookpoints" in capsys.readouterr().err

@@ -20,6 +20,8 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -39,19 +41,22 @@ class BufferShuffle:
     def __init__(self, blocks: Iterable[torch.Tensor], batch_size: int, buffer_tokens: int, seed: int):
         if buffer_tokens < batch_size:
             raise ValueError(f"buffer_tokens={buffer_tokens} must be at least batch_size={batch_size}")
-        self.blocks: Iterator[torch.Tensor] = iter(blocks)
+        self.blocks = blocks if hasattr(blocks, "__next__") else iter(blocks)
         self.batch_size, self.capacity, self.seed = batch_size, buffer_tokens, seed
         self.buffer: torch.Tensor | None = None
         self.filled = 0
         self.produced = 0
         self._pending = torch.empty(0)
+        self.wait_seconds = 0.0
 
     def _take(self, count: int) -> torch.Tensor:
         """Up to `count` next rows of the incoming blocks."""
         pieces, have = [], 0
         while have < count:
             if self._pending.shape[0] == 0:
+                started = time.perf_counter()
                 block = next(self.blocks, None)
+                self.wait_seconds += time.perf_counter() - started
                 if block is None:
                     break
                 self._pending = block
@@ -59,6 +64,10 @@ class BufferShuffle:
             pieces.append(piece)
             have += piece.shape[0]
         return torch.cat(pieces) if pieces else torch.empty(0)
+
+    def timing(self) -> dict[str, float]:
+        """Seconds the consumers waited for rows, and the producer's seconds (when it reports them)."""
+        return {"wait_s": self.wait_seconds, "forward_s": getattr(self.blocks, "forward_seconds", 0.0)}
 
     def next_batch(self) -> torch.Tensor:
         if self.buffer is None:
@@ -87,14 +96,51 @@ class BufferShuffle:
         return batch
 
 
-def _producer(make_blocks: Callable[[], Iterator[torch.Tensor]], prefetch: int):
+class _Produced:
+    """The consumer's end of the producer's queue (an iterator of blocks)."""
+
+    def __init__(self, blocks: queue.Queue, stop: threading.Event, timer: list[float]):
+        self.blocks, self.stop, self.timer = blocks, stop, timer
+
+    @property
+    def forward_seconds(self) -> float:
+        return self.timer[0]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        item = self.blocks.get()
+        if item is _DONE:
+            self.stop.set()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.stop.set()
+            raise RuntimeError(f"the activation producer failed: {item}") from item
+        return item
+
+    def __del__(self):
+        self.stop.set()
+
+
+def _producer(make_blocks: Callable[[], Iterator[torch.Tensor]], prefetch: int) -> _Produced:
     """The blocks of make_blocks(), computed in a background thread `prefetch` blocks ahead."""
     blocks: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
+    timer = [0.0]
+
+    def timed(iterator):
+        while True:
+            started = time.perf_counter()
+            block = next(iterator, None)
+            timer[0] += time.perf_counter() - started
+            if block is None:
+                return
+            yield block
 
     def run():
         try:
-            for block in make_blocks():
+            for block in timed(make_blocks()):
                 while not stop.is_set():
                     try:
                         blocks.put(block, timeout=0.1)
@@ -110,20 +156,7 @@ def _producer(make_blocks: Callable[[], Iterator[torch.Tensor]], prefetch: int):
 
     thread = threading.Thread(target=run, name="pyinterp-activation-producer", daemon=True)
     thread.start()
-
-    def iterate():
-        try:
-            while True:
-                item = blocks.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise RuntimeError(f"the activation producer failed: {item}") from item
-                yield item
-        finally:
-            stop.set()
-
-    return iterate()
+    return _Produced(blocks, stop, timer)
 
 
 class HookpointStream:
@@ -283,3 +316,104 @@ def train_streaming(sources: dict[str, StreamedHookpoint], make_trainer) -> dict
     if errors:
         raise errors[0]
     return results
+
+
+def hookpoints_of_rank(names: list[str], rank: int, world_size: int) -> list[str]:
+    """With several processes, rank r trains hookpoints r, r + world, ... (each runs its own forward)."""
+    mine = names[rank::world_size]
+    if not mine:
+        raise ValueError(f"{world_size} processes but only {len(names)} hookpoints: every rank needs one")
+    return mine
+
+
+def run_streaming(args) -> int:
+    """`pyinterp train-sae --corpus ...`: one SAE per hookpoint (and one transcoder per --transcode) in
+    OUT/<hookpoint>/, streamed from the model; with torchrun, the hookpoints are spread over ranks."""
+    import sys
+    import time
+
+    import torch.distributed as dist
+
+    from pyinterp.cli import CommandError, check_writable_folder, report
+    from pyinterp.nn import TopKTranscoder
+    from pyinterp.sae.cache import folder_name, load_model
+    from pyinterp.sae.checkpoint import MANIFEST, CheckpointError
+    from pyinterp.sae.cli import COMMAND, _check_arguments, _check_backend, _check_disk_space, _device
+    from pyinterp.sae.trainer import NonFiniteError, TrainConfig, Trainer, build_sae
+
+    try:
+        _check_arguments(args)
+        if args.shards:
+            raise CommandError("--corpus streams from a model; --shards trains on cached activations: give one")
+        if args.parallel != "none":
+            raise CommandError("--corpus spreads hookpoints over the processes of torchrun; --parallel "
+                               "(ddp, latents) applies to --shards and the embedded default")
+        if not args.hookpoints and args.layers is None and not args.transcode:
+            raise CommandError("--corpus needs --hookpoints, --layers or --transcode")
+        if not Path(args.corpus).exists():
+            raise CommandError(f"--corpus {args.corpus} does not exist")
+        device = _device(args.device)
+        _check_backend(args.backend, device)
+        out = check_writable_folder("--out", args.out)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        model, tokenizer, model_name = load_model(args.model, "fp32", str(device))
+        pairs = []
+        for item in args.transcode or []:
+            if "=" not in item:
+                raise CommandError(f"--transcode {item!r}: give IN=OUT")
+            pairs.append(tuple(item.split("=", 1)))
+        plain = hookpoints_module.resolve(model, args.hookpoints, args.layers) if (
+            args.hookpoints or args.layers is not None) else []
+        ends = hookpoints_module.resolve(model, [name for pair in pairs for name in pair]) if pairs else []
+        points = list({p.name: p for p in plain + ends}.values())
+        sources = streamed_sources(model, tokenizer, args.corpus, points, batch_size=args.batch_size,
+                                   seed=args.seed, context_length=args.context_length,
+                                   exclude_first=args.exclude_first_token, buffer_tokens=args.buffer_tokens,
+                                   model_name=model_name, text_column=args.text_column)
+        jobs = {p.name: sources[p.name] for p in plain}
+        jobs.update({f"{a}={b}": sources[a].paired_with(sources[b]) for a, b in pairs})
+        jobs = {name: jobs[name] for name in hookpoints_of_rank(list(jobs), rank, world)}
+        config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size,
+                             grad_accumulation=args.grad_accumulation, lr=args.lr,
+                             dead_after_tokens=args.dead_after_tokens, precision=args.precision,
+                             log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                             seed=args.seed, nonfinite=args.nonfinite, progress=False)
+        for name in jobs:
+            folder = out / folder_name(name)
+            if args.resume and not (folder / MANIFEST).is_file():
+                raise CommandError(f"--resume: no checkpoint in {folder}")
+            _check_disk_space(out, args.latents, jobs[name].d_model)
+
+        def make_trainer(name, source):
+            if "=" in name:
+                a, b = name.split("=", 1)
+                sae = TopKTranscoder(sources[a].d_model, sources[b].d_model, args.latents, args.k,
+                                     skip_connection=args.skip_connection, backend=args.backend,
+                                     aux_alpha=args.aux_alpha, seed=args.seed, device=device,
+                                     **({} if args.k_aux is None else {"k_aux": args.k_aux}))
+            else:
+                sae = build_sae(args.architecture, source.d_model, args.latents, args.k, device=device,
+                                k_aux=args.k_aux, aux_alpha=args.aux_alpha, backend=args.backend, seed=args.seed)
+            return Trainer(sae, source, config, out / folder_name(name), resume=args.resume,
+                           allow_changes=args.allow_changes)
+
+        print(f"rank {rank}: streaming {model_name} over {args.corpus} into {len(jobs)} SAEs: {', '.join(jobs)}")
+        started = time.perf_counter()
+        results = train_streaming(jobs, make_trainer)
+        seconds = time.perf_counter() - started
+    except (CommandError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        return report(COMMAND, exc)
+    except (NonFiniteError, RuntimeError, OSError) as exc:
+        print(f"pyinterp {COMMAND}: error: {exc}; the last committed checkpoints in {args.out} are intact "
+              "(--resume continues from them)", file=sys.stderr)
+        return 1
+    stream = next(iter(jobs.values())).stream
+    timing = stream.shuffle.timing()
+    print(f"{config.tokens} tokens per SAE in {seconds:.1f} s ({config.tokens / seconds:,.0f} tok/s of the "
+          f"pipeline); model forward {timing['forward_s']:.1f} s in the producer thread, SAE steps waited "
+          f"{timing['wait_s']:.1f} s for data")
+    for name, metrics in results.items():
+        fvu, l0 = metrics.get("fvu"), metrics.get("l0")
+        print(f"  {name}: FVU {fvu if fvu is None else round(fvu, 4)}, L0 {l0 if l0 is None else round(l0, 1)}, "
+              f"dead {metrics.get('dead_fraction', 0):.2%}; saved in {out / folder_name(name)}")
+    return 0
