@@ -150,3 +150,36 @@ def test_cli_streams_several_hookpoints_and_a_transcoder_then_evaluates(tmp_path
     assert "close: model.layers.1" in capsys.readouterr().err
     assert cli.main(common[:-2] + ["--out", str(tmp_path / "o2")]) == 2
     assert "--corpus needs --hookpoints" in capsys.readouterr().err
+
+
+def test_torchrun_spreads_hookpoints_over_ranks_and_equals_one_process(tmp_path, tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    model = tiny_model("gpt2", tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    path = write_corpus(tmp_path, "txt")
+    args = ["-m", "pyinterp", "train-sae", "--model", str(tmp_path / "model"), "--corpus", str(path),
+            "--layers", "1-3", "--latents", "32", "--k", "4", "--tokens", "480", "--batch-size", "96",
+            "--context-length", "13", "--backend", "cpu", "--buffer-tokens", "300", "--no-progress"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, check=True,
+                   capture_output=True)
+    import socket
+
+    with socket.socket() as probe:  # a free port for torchrun's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-addr", "127.0.0.1", "--master-port", str(port), *args,
+                            "--out", str(tmp_path / "two")],
+                           env=env, capture_output=True, text=True)
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    assert "rank 0: streaming" in ranks.stdout and "rank 1: streaming" in ranks.stdout
+    for folder in ("transformer.h.0", "transformer.h.1", "transformer.h.2"):
+        one = (tmp_path / "one" / folder / "sae.safetensors").read_bytes()
+        assert one == (tmp_path / "two" / folder / "sae.safetensors").read_bytes()

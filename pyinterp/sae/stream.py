@@ -329,10 +329,9 @@ def hookpoints_of_rank(names: list[str], rank: int, world_size: int) -> list[str
 def run_streaming(args) -> int:
     """`pyinterp train-sae --corpus ...`: one SAE per hookpoint (and one transcoder per --transcode) in
     OUT/<hookpoint>/, streamed from the model; with torchrun, the hookpoints are spread over ranks."""
+    import os
     import sys
     import time
-
-    import torch.distributed as dist
 
     from pyinterp.cli import CommandError, check_writable_folder, report
     from pyinterp.nn import TopKTranscoder
@@ -355,7 +354,8 @@ def run_streaming(args) -> int:
         device = _device(args.device)
         _check_backend(args.backend, device)
         out = check_writable_folder("--out", args.out)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # The ranks train disjoint hookpoints and never talk: torchrun's variables are all they need.
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         model, tokenizer, model_name = load_model(args.model, "fp32", str(device))
         pairs = []
         for item in args.transcode or []:
