@@ -141,6 +141,7 @@ def test_cli_streams_several_hookpoints_and_a_transcoder_then_evaluates(tmp_path
     assert cli.main(common + ["--layers", "1-2", "--transcode", "model.layers.1.mlp:input=model.layers.1.mlp"]) == 0
     printed = capsys.readouterr().out
     assert "tok/s of the pipeline" in printed and "model forward" in printed
+    assert (tmp_path / "out" / "training_curves.png").stat().st_size > 10_000
     for folder in ("model.layers.0", "model.layers.1", "model.layers.1.mlp-input=model.layers.1.mlp"):
         assert (tmp_path / "out" / folder / "sae.safetensors").is_file()
     assert cli.main(["eval-sae", "--model", str(tmp_path / "model"), "--corpus", str(path), "--windows", "4",

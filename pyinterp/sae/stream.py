@@ -407,6 +407,10 @@ def run_streaming(args) -> int:
         print(f"pyinterp {COMMAND}: error: {exc}; the last committed checkpoints in {args.out} are intact "
               "(--resume continues from them)", file=sys.stderr)
         return 1
+    from pyinterp.sae.curves import plot_training_curves
+
+    png = plot_training_curves({name: out / folder_name(name) for name in jobs},
+                               out / f"training_curves{'' if world == 1 else f'-rank{rank}'}.png")
     stream = next(iter(jobs.values())).stream
     timing = stream.shuffle.timing()
     print(f"{config.tokens} tokens per SAE in {seconds:.1f} s ({config.tokens / seconds:,.0f} tok/s of the "
@@ -416,4 +420,5 @@ def run_streaming(args) -> int:
         fvu, l0 = metrics.get("fvu"), metrics.get("l0")
         print(f"  {name}: FVU {fvu if fvu is None else round(fvu, 4)}, L0 {l0 if l0 is None else round(l0, 1)}, "
               f"dead {metrics.get('dead_fraction', 0):.2%}; saved in {out / folder_name(name)}")
+    print(f"training curves: {png}")
     return 0
