@@ -184,3 +184,26 @@ def test_torchrun_spreads_hookpoints_over_ranks_and_equals_one_process(tmp_path,
     for folder in ("transformer.h.0", "transformer.h.1", "transformer.h.2"):
         one = (tmp_path / "one" / folder / "sae.safetensors").read_bytes()
         assert one == (tmp_path / "two" / folder / "sae.safetensors").read_bytes()
+
+
+def test_tensorboard_sink_gets_every_logged_line_and_a_missing_package_is_named(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pyinterp.sae import sinks
+    from pyinterp.sae.data import TensorSource
+
+    source = TensorSource(torch.randn(600, 8, generator=torch.Generator().manual_seed(0)))
+    config = dataclasses.replace(CONFIG, tokens=600, batch_size=60, log_every=2)
+    trainer = Trainer(build_sae("topk", 8, 16, 2, backend="torch"), source, config, tmp_path,
+                      sinks=sinks.make_sinks(["tensorboard"], tmp_path, "run"))
+    trainer.train()
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "run"))
+    events.Reload()
+    fvu = [event.value for event in events.Scalars("fvu")]
+    logged = [json.loads(line)["fvu"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert fvu == pytest.approx(logged) and len(fvu) == 5
+    monkeypatch.setattr(sinks.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(sinks.MissingPackageError, match="--log-to wandb needs the wandb package"):
+        sinks.check_sinks(["wandb"])
+    with pytest.raises(ValueError, match="--log-to must name"):
+        sinks.check_sinks(["csv"])

@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--out", default="sae-out", metavar="DIR",
                        help="metrics.jsonl, checkpoint and the trained SAE (sparsify layout) go here")
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    train.add_argument("--log-to", nargs="+", default=None, choices=("tensorboard", "wandb"),
+                       help="also log the metrics to TensorBoard (OUT/tensorboard) or Weights & Biases "
+                            "(WANDB_MODE=offline works offline); needs that package")
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: continue even if the activations or settings (precision, lr, "
                             "dead-after-tokens, ...) differ from the checkpoint's")
@@ -187,9 +190,12 @@ def run(args) -> int:
         sae = build_sae(args.architecture, source.d_model, args.latents, args.k, parallel=context.mode,
                         device=device, k_aux=args.k_aux, aux_alpha=args.aux_alpha, backend=args.backend,
                         seed=args.seed)
+        from pyinterp.sae.sinks import make_sinks
+
         trainer = Trainer(sae, source, config, out, resume=args.resume, allow_changes=args.allow_changes,
-                          context=context)
-    except (CommandError, CheckpointError, ValueError, FileNotFoundError, NonFiniteError) as exc:
+                          context=context, sinks=make_sinks(args.log_to, out, COMMAND) if context.is_main else [])
+    except (CommandError, CheckpointError, ValueError, FileNotFoundError, NonFiniteError,
+            RuntimeError) as exc:
         return report(COMMAND, exc)
     try:
         already_done = trainer.step >= trainer.total_steps

@@ -338,6 +338,7 @@ def run_streaming(args) -> int:
     from pyinterp.sae.cache import folder_name, load_model
     from pyinterp.sae.checkpoint import MANIFEST, CheckpointError
     from pyinterp.sae.cli import COMMAND, _check_arguments, _check_backend, _check_disk_space, _device
+    from pyinterp.sae.sinks import MissingPackageError, check_sinks, make_sinks
     from pyinterp.sae.trainer import NonFiniteError, TrainConfig, Trainer, build_sae
 
     try:
@@ -351,6 +352,7 @@ def run_streaming(args) -> int:
             raise CommandError("--corpus needs --hookpoints, --layers or --transcode")
         if not Path(args.corpus).exists():
             raise CommandError(f"--corpus {args.corpus} does not exist")
+        check_sinks(args.log_to)
         device = _device(args.device)
         _check_backend(args.backend, device)
         out = check_writable_folder("--out", args.out)
@@ -395,13 +397,13 @@ def run_streaming(args) -> int:
                 sae = build_sae(args.architecture, source.d_model, args.latents, args.k, device=device,
                                 k_aux=args.k_aux, aux_alpha=args.aux_alpha, backend=args.backend, seed=args.seed)
             return Trainer(sae, source, config, out / folder_name(name), resume=args.resume,
-                           allow_changes=args.allow_changes)
+                           allow_changes=args.allow_changes, sinks=make_sinks(args.log_to, out, folder_name(name)))
 
         print(f"rank {rank}: streaming {model_name} over {args.corpus} into {len(jobs)} SAEs: {', '.join(jobs)}")
         started = time.perf_counter()
         results = train_streaming(jobs, make_trainer)
         seconds = time.perf_counter() - started
-    except (CommandError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (CommandError, CheckpointError, ValueError, FileNotFoundError, MissingPackageError) as exc:
         return report(COMMAND, exc)
     except (NonFiniteError, RuntimeError, OSError) as exc:
         print(f"pyinterp {COMMAND}: error: {exc}; the last committed checkpoints in {args.out} are intact "

@@ -160,8 +160,9 @@ class Trainer:
 
     def __init__(self, sae: TopKSAE, source: ActivationSource, config: TrainConfig,
                  out_dir: str | Path | None = None, *, resume: bool = False, allow_changes: bool = False,
-                 context: ParallelContext | None = None):
+                 context: ParallelContext | None = None, sinks: list | None = None):
         config.validate()
+        self.sinks = list(sinks or [])  # pyinterp/sae/sinks.py: TensorBoard / W&B, when asked for
         self.context = context or ParallelContext()
         self.context.check_sae(sae)
         if source.d_model != sae.d_model:
@@ -327,6 +328,9 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
+        if self.context.is_main:
+            for sink in self.sinks:
+                sink.log(metrics)
 
     def train(self) -> dict:
         """Run to config.tokens; returns the last logged metrics (and saves, given out_dir). A
@@ -354,6 +358,8 @@ class Trainer:
                     and self.step % self.config.checkpoint_every == 0 and self.step < self.total_steps):
                 self.save_checkpoint()
         bar.close()
+        for sink in self.sinks:
+            sink.close()
         if self.out_dir is not None:
             if ran:
                 self.save_checkpoint()
