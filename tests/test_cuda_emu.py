@@ -1,0 +1,380 @@
+"""The CUDA kernels of kernels/cuda executed on the CPU (tests/cuda_emu: emulated runtime, warps,
+barriers, shared memory, cp.async/ldmatrix/mma and cub, under AddressSanitizer + UBSan, a subset
+under ThreadSanitizer) and compared with the reference (pyinterp/reference, or float64 here).
+
+Data are exact (small integers, quarters) wherever the kernels' fp32/tensor-core sums would
+otherwise round differently from the reference, so results compare bit for bit. The first run
+compiles the harness (cached by content hash under build/cuda_emu/). The CI subset runs in
+`make test`; the full sweep is marked slow (`make cuda-emu` runs everything here)."""
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cuda_emu import build as emu
+from pyinterp.reference import ij_accumulate as ij_reference
+from pyinterp.reference import resonator as resonator_reference
+from pyinterp.reference import sparse_decode as sparse_reference
+from pyinterp.reference import topk_encode as topk_reference
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
+
+
+# ---- running a case ---------------------------------------------------------------------------
+def _write(case: Path, params: dict, arrays: dict[str, torch.Tensor]) -> None:
+    case.mkdir(parents=True, exist_ok=True)
+    (case / "params.txt").write_text("".join(f"{k} {v}\n" for k, v in params.items()))
+    for name, tensor in arrays.items():
+        t = tensor.detach().contiguous().cpu()
+        if t.dtype == torch.bool:
+            t = t.to(torch.uint8)
+        (case / f"{name}.bin").write_bytes(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _read(case: Path, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
+    raw = (case / f"{name}.out").read_bytes()
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
+
+
+def run_case(tmp_path: Path, kernel: str, params: dict, arrays: dict, *, variant: str = "asan",
+             env: dict | None = None, name: str = "case") -> tuple[Path, subprocess.CompletedProcess]:
+    binary = emu.build(kernel, variant)
+    case = tmp_path / name
+    _write(case, params, arrays)
+    log = case / "launches.log"
+    result = emu.run(binary, case, env={"CUDA_EMU_LOG": str(log), **(env or {})})
+    return case, result
+
+
+def run_ok(tmp_path: Path, kernel: str, params: dict, arrays: dict, **kw) -> Path:
+    case, result = run_case(tmp_path, kernel, params, arrays, **kw)
+    assert result.returncode == 0, f"{kernel} {params}: exit {result.returncode}\n{result.stdout}\n{result.stderr[-6000:]}"
+    return case
+
+
+def launches(case: Path) -> list[str]:
+    log = case / "launches.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def exact_values(shape, generator, low=-3, high=4, scale=1.0) -> torch.Tensor:
+    """Small integers (times scale, e.g. 0.25): exact in every dtype and in every fp32 sum here."""
+    return torch.randint(low, high, shape, generator=generator).to(torch.float64) * scale
+
+
+# ---- the harness itself -----------------------------------------------------------------------
+def _selftest(tmp_path, scenario, variant="asan", arrays=None, **params):
+    return run_case(tmp_path, "selftest", {"scenario": scenario, **params}, arrays or {}, variant=variant,
+                    name=scenario)
+
+
+def test_harness_runs_a_correct_kernel(tmp_path):
+    data = torch.arange(768, dtype=torch.int32)
+    case, result = _selftest(tmp_path, "block_sum", arrays={"in": data}, blocks=3)
+    assert result.returncode == 0, result.stderr
+    assert _read(case, "out", torch.int32, (3,)).tolist() == data.view(3, 256).sum(1).tolist()
+
+
+@pytest.mark.parametrize("scenario, report", [
+    ("dynamic_overflow", "AddressSanitizer: heap-buffer-overflow"),
+    ("static_overflow", "out of bounds"),
+    ("global_overflow", "AddressSanitizer: heap-buffer-overflow"),
+    ("misaligned_vector", "misaligned address"),
+    ("divergent_barrier", "barrier divergence"),
+    ("warp_deadlock", "deadlock"),
+    ("partial_mask", "mask 0x0000ffff"),
+])
+def test_harness_stops_broken_kernels(tmp_path, scenario, report):
+    _, result = _selftest(tmp_path, scenario, arrays={"in": torch.arange(64, dtype=torch.int32)})
+    assert result.returncode != 0
+    assert report in result.stderr, result.stderr[-3000:]
+
+
+def test_harness_poisons_shared_memory(tmp_path):
+    case, result = _selftest(tmp_path, "uninitialised_read")
+    assert result.returncode == 0, result.stderr
+    assert (_read(case, "out", torch.int32, (32,)) == -1).all()
+
+
+def test_harness_cp_async_lands_at_its_wait(tmp_path):
+    data = torch.arange(256, dtype=torch.int32)
+    case, result = _selftest(tmp_path, "cp_async_order", arrays={"in": data})
+    assert result.returncode == 0, result.stderr
+    assert (_read(case, "before", torch.int32, (64,)) == -1).all()  # the poison: not yet copied
+    assert _read(case, "after", torch.int32, (64,)).tolist() == data[::4].tolist()
+
+
+def test_harness_mma_follows_the_ptx_fragment_tables(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    A = exact_values((16, 16), g).to(torch.float16)
+    Bt = exact_values((8, 16), g).to(torch.float16)
+    case, result = _selftest(tmp_path, "mma_tile", arrays={"A": A, "Bt": Bt})
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(_read(case, "D", torch.float32, (16, 8)), A.float() @ Bt.float().T)
+
+
+def test_harness_enforces_launch_limits(tmp_path):
+    case, result = _selftest(tmp_path, "launch_limits")
+    assert result.returncode == 0, result.stderr
+    invalid_config, invalid_value = 9, 1
+    assert _read(case, "codes", torch.int32, (8,)).tolist() == [
+        0, invalid_config, invalid_config,  # 1024 threads; 1025 threads; grid.y = 65536
+        0, invalid_value,                   # 48 KiB dynamic shared memory; one byte more without opt-in
+        invalid_value, 0, 0]                # opt-in above 227 KiB; 100 KiB opted in and launched
+
+
+def test_harness_thread_sanitizer_sees_a_missing_barrier(tmp_path):
+    _, result = _selftest(tmp_path, "missing_barrier", variant="tsan")
+    assert result.returncode != 0
+    assert "ThreadSanitizer: data race" in result.stderr, result.stderr[-3000:]
+
+
+def test_harness_thread_sanitizer_accepts_a_correct_kernel(tmp_path):
+    data = torch.arange(768, dtype=torch.int32)
+    case, result = _selftest(tmp_path, "block_sum", variant="tsan", arrays={"in": data}, blocks=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _read(case, "out", torch.int32, (3,)).tolist() == data.view(3, 256).sum(1).tolist()
+
+
+# ---- ij_accumulate.cu -------------------------------------------------------------------------
+def _ij_case(tmp_path, dtype, K, E, S, width, with_jbar, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acc = ij_reference.accumulator_dtype(DTYPES[dtype])
+    exact = dtype != "f64"
+    grads = (exact_values((K, E, S, width), g, scale=0.25) if exact
+             else torch.randn(K, E, S, width, generator=g, dtype=torch.float64)).to(DTYPES[dtype])
+    weights = (exact_values((K,), g, 0, 5, 0.25) if exact else torch.rand(K, generator=g, dtype=torch.float64)).to(acc)
+    delta = (exact_values((S, width), g, scale=0.5) if exact else torch.randn(S, width, generator=g, dtype=torch.float64)).to(acc)
+    P0 = exact_values((E * S,), g).to(acc)
+    J0 = exact_values((E * S, width), g).to(acc)
+    arrays = {"grads": grads, "weights": weights, "delta": delta, "P": P0}
+    if with_jbar:
+        arrays["Jbar"] = J0
+    case = run_ok(tmp_path, "ij_accumulate", {"dtype": dtype, "K": K, "rows": E * S, "tokens": S, "width": width,
+                                               "has_jbar": int(with_jbar)}, arrays)
+    P, J = ij_reference.ij_accumulate(grads, weights, delta, return_jbar=True)
+    got_P = _read(case, "P", acc, (E * S,))
+    want_P = P0.double() + P.double().reshape(-1)
+    want_J = J0.double() + J.double().reshape(E * S, width)
+    if exact:  # every product and partial sum is a multiple of 1/32 far below 2^24: exact in fp32
+        assert torch.equal(got_P.double(), want_P)
+    else:
+        torch.testing.assert_close(got_P.double(), want_P, rtol=1e-12, atol=1e-12)
+    if with_jbar:
+        got_J = _read(case, "Jbar", acc, (E * S, width)).double()
+        if exact:
+            assert torch.equal(got_J, want_J)
+        else:
+            torch.testing.assert_close(got_J, want_J, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "f64"])
+def test_ij_accumulate(tmp_path, dtype):
+    # 3 * 5 = 15 rows: the second block's last warp has no row and leaves; width 45: a partial lane pass
+    _ij_case(tmp_path, dtype, K=3, E=3, S=5, width=45, with_jbar=True)
+
+
+def test_ij_accumulate_without_jbar_and_one_node(tmp_path):
+    _ij_case(tmp_path, "f32", K=1, E=2, S=1, width=1, with_jbar=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f64"])
+@pytest.mark.parametrize("K, E, S, width", [(7, 4, 9, 97), (2, 17, 1, 300), (5, 1, 64, 33)])
+def test_ij_accumulate_sweep(tmp_path, dtype, K, E, S, width):
+    _ij_case(tmp_path, dtype, K, E, S, width, with_jbar=True, seed=K * 100 + width)
+
+
+# ---- resonator.cu -----------------------------------------------------------------------------
+ACTIVATION_CODE = {"identity": 0, "threshold": 1, "topk": 2}
+
+
+def _resonator_case(tmp_path, *, batch=5, dim=70, sizes=(9, 12, 7), max_iters=12, update="sequential",
+                    activation="identity", k=None, threshold=None, noise=0.0, seed=3, stop="fixed_point",
+                    theta=None, detect_cycles=0, known=False, asymmetry=0.0, flips=10, grid=None, env=None,
+                    name="case"):
+    g = torch.Generator().manual_seed(seed)
+    codebooks = [torch.randint(0, 2, (m, dim), generator=g).to(torch.int8) * 2 - 1 for m in sizes]
+    truth = torch.stack([torch.randint(0, m, (batch,), generator=g) for m in sizes], 1)
+    s = torch.ones(batch, dim, dtype=torch.int8)
+    for f, cb in enumerate(codebooks):
+        s *= cb[truth[:, f]]
+    flip = torch.rand(batch, dim, generator=g).argsort(1)[:, :flips]  # noisy composites: real searches
+    s.scatter_(1, flip, -s.gather(1, flip))
+    known_t = None
+    if known:
+        known_t = torch.full((batch, len(sizes)), -1, dtype=torch.int64)
+        known_t[::2, 0] = truth[::2, 0]
+        known_t[1::3, 2] = truth[1::3, 2]
+    ref = resonator_reference.resonator(
+        s.double(), [cb.double() for cb in codebooks], max_iters=max_iters, update=update, activation=activation,
+        k=k, threshold=threshold, noise=noise, seed=seed, stop=stop, theta=theta, detect_cycles=detect_cycles,
+        known=known_t, asymmetry=asymmetry)
+    similarity = resonator_reference.similarity_codebooks([cb.double() for cb in codebooks], asymmetry, seed)
+    scale = resonator_reference.similarity_scale(noise)
+    params = {
+        "batch": batch, "dim": dim, "sizes": ",".join(map(str, sizes)), "max_iters": max_iters,
+        "parallel": int(update == "parallel"), "activation": ACTIVATION_CODE[activation], "k": k or 0,
+        "threshold_units": resonator_reference.threshold_units(threshold, dim, scale) if threshold is not None else 0,
+        "noise": repr(float(noise)), "seed": seed, "stop_on_similarity": int(stop == "similarity"),
+        "theta_units": resonator_reference.theta_units(theta, dim) if theta is not None else 0,
+        "detect_cycles": detect_cycles, "has_known": int(known)}
+    if grid is not None:
+        params["grid"] = grid
+    arrays = {"s": s, "similarity": torch.cat(similarity).to(torch.int8), "projection": torch.cat(codebooks)}
+    if known:
+        arrays["known"] = known_t.to(torch.int32)
+    case = run_ok(tmp_path, "resonator", params, arrays, env=env, name=name)
+    F = len(sizes)
+    assert _read(case, "indices", torch.int32, (batch, F)).long().tolist() == ref.indices.tolist()
+    assert _read(case, "iterations", torch.int32, (batch,)).long().tolist() == ref.iterations.tolist()
+    assert _read(case, "converged", torch.bool, (batch,)).tolist() == ref.converged.tolist()
+    assert _read(case, "cycle", torch.int32, (batch,)).long().tolist() == ref.cycle.tolist()
+    assert torch.equal(_read(case, "similarities", torch.float32, (batch, F)), ref.similarities)
+    return case, ref
+
+
+RESONATOR_VARIANTS = {
+    "identity": {},
+    "parallel": {"update": "parallel"},
+    "threshold": {"activation": "threshold", "threshold": 0.1},
+    "topk": {"activation": "topk", "k": 3},
+    "noise": {"noise": 0.7},
+    "similarity_stop": {"stop": "similarity", "theta": 0.3},
+    "cycles": {"update": "parallel", "detect_cycles": 4, "max_iters": 20},
+    "known": {"known": True},
+    "asymmetry": {"asymmetry": 0.05},
+}
+
+
+@pytest.mark.parametrize("variant", ["identity", "topk", "cycles", "known"])
+def test_resonator(tmp_path, variant):
+    # two blocks pull the seven problems from the counter while both run
+    _resonator_case(tmp_path, batch=7, grid=2, **RESONATOR_VARIANTS[variant])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(RESONATOR_VARIANTS))
+@pytest.mark.parametrize("dim, sizes", [(70, (9, 12, 7)), (32, (40,)), (300, (5, 300))])
+def test_resonator_sweep(tmp_path, variant, dim, sizes):
+    _resonator_case(tmp_path, batch=6, dim=dim, sizes=sizes, grid=3, env={"CUDA_EMU_CONCURRENT_BLOCKS": "3"},
+                    **RESONATOR_VARIANTS[variant])
+
+
+def test_resonator_own_grid_pulls_several_problems_per_block(tmp_path):
+    # one SM: the kernel's grid is its occupancy, fewer blocks than problems
+    case, _ = _resonator_case(tmp_path, batch=9, env={"CUDA_EMU_SMS": "1", "CUDA_EMU_CONCURRENT_BLOCKS": "8"})
+    grid = _launch_grid(case, "resonator_bits_kernel")
+    assert 1 < grid < 9
+
+
+def _launch_grid(case: Path, kernel: str) -> int:
+    lines = [line for line in launches(case) if line.startswith(kernel)]
+    assert lines, launches(case)
+    return int(lines[-1].split("grid=")[1].split(",")[0])
+
+
+def test_resonator_codebook_over_shared_memory_fails_loudly(tmp_path):
+    # M_f * 16 bytes of similarities/weights per block pass the 227 KiB opt-in: the launch must fail
+    # (the glue turns that into an error naming the codebook size), never run with too little memory.
+    g = torch.Generator().manual_seed(0)
+    M, dim = 15000, 32
+    cb = torch.randint(0, 2, (M, dim), generator=g).to(torch.int8) * 2 - 1
+    params = {"batch": 1, "dim": dim, "sizes": str(M), "max_iters": 1, "parallel": 0, "activation": 0, "k": 0,
+              "threshold_units": 0, "noise": "0.0", "seed": 0, "stop_on_similarity": 0, "theta_units": 0,
+              "detect_cycles": 0, "has_known": 0}
+    _, result = run_case(tmp_path, "resonator", params, {"s": cb[:1], "similarity": cb, "projection": cb})
+    assert result.returncode == 3 and "cuda error 1" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+# ---- topk_encode.cu ---------------------------------------------------------------------------
+# (state capacity kc, AuxK) -> rows per CTA: kFusedConfigs in kernels/cuda/topk_encode.cu
+FUSED_CONFIGS = {(32, False): 128, (64, False): 128, (128, False): 64, (256, False): 64,
+                 (32, True): 128, (64, True): 64, (128, True): 64}
+
+
+def _fused_smem(bm: int, kc: int, aux: bool) -> int:
+    pipeline = 3 * (bm + 256) * 64              # Tile<BM>::kPipeBytes
+    row_state = bm * (kc * 8 + 32 * 8 + 8 + 4 + 4)  # RowTopK<BM, KC>::kBytes
+    return pipeline + (2 if aux else 1) * row_state
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.shape == want.shape, what
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _topk_run(tmp_path, dtype, x, W, b_enc, b_dec, k, k_aux=0, dead=None, *, x_offset=0, w_offset=0,
+              env=None, name="case"):
+    N, D = x.shape
+    M = W.shape[0]
+    T = DTYPES[dtype]
+    arrays = {"x": x.to(T), "W_enc": W.to(T)}
+    if b_enc is not None:
+        arrays["b_enc"] = b_enc.to(T)
+    if b_dec is not None:
+        arrays["b_dec"] = b_dec.to(T)
+    if k_aux:
+        arrays["dead_mask"] = dead
+    params = {"dtype": dtype, "N": N, "D": D, "M": M, "k": k, "k_aux": k_aux, "has_b_enc": int(b_enc is not None),
+              "has_b_dec": int(b_dec is not None), "x_offset": x_offset, "w_offset": w_offset}
+    case = run_ok(tmp_path, "topk_encode", params, arrays, env=env, name=name)
+    out = {"values": _read(case, "values", T, (N, k)), "indices": _read(case, "indices", torch.int32, (N, k))}
+    if k_aux:
+        out["aux_values"] = _read(case, "aux_values", T, (N, k_aux))
+        out["aux_indices"] = _read(case, "aux_indices", torch.int32, (N, k_aux))
+    return case, out
+
+
+def _topk_check(tmp_path, dtype, N, D, M, k, k_aux=0, *, n_dead=None, bias=True, seed=0, x_offset=0,
+                w_offset=0, env=None, transform=None):
+    """Exact data against the reference, bit for bit; returns the launch log."""
+    g = torch.Generator().manual_seed(seed)
+    x = exact_values((N, D), g)
+    W = exact_values((M, D), g)
+    b_enc = exact_values((M,), g, scale=0.25) if bias else None
+    b_dec = exact_values((D,), g) if bias else None
+    dead = None
+    if k_aux:
+        dead = torch.zeros(M, dtype=torch.bool)
+        dead[torch.randperm(M, generator=g)[:n_dead]] = True
+    if transform:
+        x, W = transform(x, W)
+    T = DTYPES[dtype]
+    x, W = x.to(T), W.to(T)
+    b_enc = b_enc.to(T) if bias else None
+    b_dec = b_dec.to(T) if bias else None
+    case, out = _topk_run(tmp_path, dtype, x, W, b_enc, b_dec, k, k_aux, dead, x_offset=x_offset,
+                          w_offset=w_offset, env=env)
+    want = topk_reference.topk_encode(x, W, b_enc, k, b_dec, dead, k_aux)
+    for name, w in zip(["values", "indices", "aux_values", "aux_indices"], want):
+        _assert_same(out[name], w, name)
+    return launches(case)
+
+
+def _fused_launch(log: list[str]) -> tuple[int, int]:
+    """(smem, splits) of the fused kernel's launch."""
+    lines = [line for line in log if line.startswith("kernel ")]
+    assert len(lines) == 1, log
+    grid = lines[0].split("grid=")[1].split()[0].split(",")
+    return int(lines[0].split("smem=")[1]), int(grid[1])
+
+
+def _k_for(kc: int) -> int:
+    return {32: 20, 64: 50, 128: 100, 256: 200}[kc]
+
+
+@pytest.mark.parametrize("kc, aux", [(32, False), (256, False), (64, True), (128, True)])
+def test_topk_fused_config(tmp_path, kc, aux):
+    bm = FUSED_CONFIGS[(kc, aux)]
+    k, k_aux = (_k_for(kc), 0) if not aux else (9, _k_for(kc))
+    # N = bm + 3: a second, partial row block; M = 600: three latent tiles (each its own split here)
+    log = _topk_check(tmp_path, "f16", bm + 3, 44, 600, k, k_aux, n_dead=300)
+    assert _fused_launch(log) == (_fused_smem(bm, kc, aux), 3)
