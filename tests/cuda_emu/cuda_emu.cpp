@@ -87,7 +87,7 @@ struct Init {
 // Switches from the running context to `to` (nullptr: the scheduler); `exiting` drops the fiber's
 // ASan fake stack.
 void switch_to(Thread* to, bool exiting) {
-  Thread* from = g_current;
+  Thread* from = __atomic_load_n(&g_current, __ATOMIC_RELAXED);
   void** save = from ? &from->sp : &g_sched.sp;
   void* next = to ? to->sp : g_sched.sp;
 #ifdef CUDA_EMU_ASAN
@@ -344,6 +344,7 @@ void run_grid(dim3 grid, dim3 block_dim, size_t smem, const std::function<void()
   if (!g_sched.tsan_fiber) g_sched.tsan_fiber = __tsan_get_current_fiber();
 #endif
   for (size_t first = 0; first < order.size(); first += per_wave) {
+    IgnoreAccesses ignore;  // the host's bookkeeping of the wave, its setup and teardown
     const size_t count = std::min(order.size() - first, size_t(per_wave));
     std::vector<Block> blocks(count);
     std::vector<Thread> thread(count * threads);

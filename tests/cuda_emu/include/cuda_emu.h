@@ -36,6 +36,8 @@
 #if defined(__SANITIZE_THREAD__)
 #define CUDA_EMU_TSAN 1
 #include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_ignore_thread_begin();  // exported by libtsan, not declared by gcc 12's header
+extern "C" void __tsan_ignore_thread_end();
 #endif
 
 // ---- qualifiers -------------------------------------------------------------------------------
