@@ -378,3 +378,97 @@ def test_topk_fused_config(tmp_path, kc, aux):
     # N = bm + 3: a second, partial row block; M = 600: three latent tiles (each its own split here)
     log = _topk_check(tmp_path, "f16", bm + 3, 44, 600, k, k_aux, n_dead=300)
     assert _fused_launch(log) == (_fused_smem(bm, kc, aux), 3)
+
+
+# ---- sparse_decode.cu -------------------------------------------------------------------------
+def _valid(indices: torch.Tensor, M: int) -> torch.Tensor:
+    return (indices >= 0) & (indices < M)
+
+
+def _sparse_inputs(N, k, M, D, seed, *, skew=False, invalid=False):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, M, (N, k), generator=g, dtype=torch.int32)
+    if skew:  # latent 3 takes half of all pairs: its run spans many chunks of the backward
+        indices[torch.rand(N, k, generator=g) < 0.5] = 3
+    if invalid:  # the contract: indices outside [0, M) contribute nothing
+        flat = indices.view(-1)
+        flat[:: 7] = -1
+        flat[3:: 11] = M
+        flat[5:: 13] = 2**31 - 1
+    return g, indices
+
+
+SPARSE_OFFSETS = {"gather_sum": ["weight_offset", "bias_offset", "out_offset"],
+                  "gather_dot": ["grad_offset", "weight_offset"],
+                  "sparse_t_matmul": ["rows_offset", "out_offset"]}
+
+
+def _sparse_check(tmp_path, op, dtype, N, k, M, D, *, seed=0, skew=False, invalid=False, misaligned=False,
+                  bias=True, env=None):
+    g, indices = _sparse_inputs(N, k, M, D, seed, skew=skew, invalid=invalid)
+    T = DTYPES[dtype]
+    ok = _valid(indices, M)
+    safe = torch.where(ok, indices, 0).long()
+    params = {"op": op, "dtype": dtype, "N": N, "k": k, "M": M, "D": D, "has_bias": int(bias)}
+    if misaligned:
+        params.update({name: 1 for name in SPARSE_OFFSETS[op]})
+    if op == "gather_sum":
+        values = exact_values((N, k), g, scale=0.25).to(T)
+        weight = exact_values((M, D), g).to(T)
+        b = exact_values((D,), g).to(T)
+        arrays = {"values": values, "indices": indices, "weight": weight, "bias": b}
+        want = (sparse_reference.gather_sum(torch.where(ok, values, 0), safe, weight, b if bias else None) if D
+                else torch.empty(N, 0, dtype=T))  # the reference's embedding_bag refuses D = 0
+        case = run_ok(tmp_path, "sparse_decode", params, arrays, env=env)
+        _assert_same(_read(case, "out", T, (N, D)), want, "out")
+    elif op == "gather_dot":
+        grad = exact_values((N, D), g, scale=0.25).to(T)
+        weight = exact_values((M, D), g).to(T)
+        arrays = {"grad": grad, "indices": indices, "weight": weight}
+        want = torch.where(ok, sparse_reference.gather_dot(grad, safe, weight), 0).to(T)
+        case = run_ok(tmp_path, "sparse_decode", params, arrays, env=env)
+        _assert_same(_read(case, "out", T, (N, k)), want, "out")
+    else:
+        coef = exact_values((N, k), g, scale=0.25).to(T)
+        rows = exact_values((N, D), g).to(T)
+        arrays = {"coef": coef, "indices": indices, "rows": rows}
+        if D:
+            want_grad, want_sum = sparse_reference.sparse_t_matmul(torch.where(ok, coef, 0), safe, rows, M)
+        else:  # the reference cannot reshape (N k, 0); coef_sum as it defines it
+            want_grad = torch.empty(M, 0, dtype=T)
+            want_sum = torch.zeros(M).index_add_(0, safe.view(-1), torch.where(ok, coef, 0).float().view(-1))
+        case = run_ok(tmp_path, "sparse_decode", params, arrays, env=env)
+        _assert_same(_read(case, "weight_grad", T, (M, D)), want_grad, "weight_grad")
+        _assert_same(_read(case, "coef_sum", torch.float32, (M,)), want_sum, "coef_sum")
+    return launches(case)
+
+
+@pytest.mark.parametrize("op", ["gather_sum", "gather_dot", "sparse_t_matmul"])
+@pytest.mark.parametrize("dtype, D, misaligned", [("f16", 72, False), ("f32", 13, True)])
+def test_sparse_decode(tmp_path, op, dtype, D, misaligned):
+    # k = 37: two 32-pair stages; invalid indices (-1, M, 2^31 - 1) among the valid ones
+    _sparse_check(tmp_path, op, dtype, 21, 37, 50, D, invalid=True, misaligned=misaligned)
+
+
+def test_sparse_backward_latent_spanning_many_chunks(tmp_path):
+    # one SM: ~16 chunks of the 1600 pairs; latent 3 holds ~800 of them
+    log = _sparse_check(tmp_path, "sparse_t_matmul", "bf16", 200, 8, 40, 24, skew=True, env={"CUDA_EMU_SMS": "1"})
+    chunks = [line for line in log if line.startswith("chunk_reduce_kernel")]
+    assert chunks and int(chunks[0].split("grid=")[1].split(",")[0]) >= 8, log
+
+
+@pytest.mark.parametrize("op", ["gather_sum", "gather_dot", pytest.param("sparse_t_matmul", marks=pytest.mark.xfail(
+    strict=True, reason="issue 13 §2: coef_sum never written for D = 0; the fix comes with branch cpp-spine"))])
+def test_sparse_decode_zero_width(tmp_path, op):
+    # D = 0: nothing to gather, but the backward still owes coef_sum (grad of b_enc)
+    _sparse_check(tmp_path, op, "f32", 5, 3, 7, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["gather_sum", "gather_dot", "sparse_t_matmul"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("N, k, M, D, misaligned", [(1, 1, 1, 1, False), (33, 5, 300, 520, False),
+                                                     (9, 70, 12, 8, True), (64, 4, 5, 1030, True)])
+def test_sparse_decode_sweep(tmp_path, op, dtype, N, k, M, D, misaligned):
+    _sparse_check(tmp_path, op, dtype, N, k, M, D, seed=N + D, invalid=True, misaligned=misaligned,
+                  skew=M > 3, env={"CUDA_EMU_SMS": "2"})
