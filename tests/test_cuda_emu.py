@@ -472,3 +472,73 @@ def test_sparse_decode_zero_width(tmp_path, op):
 def test_sparse_decode_sweep(tmp_path, op, dtype, N, k, M, D, misaligned):
     _sparse_check(tmp_path, op, dtype, N, k, M, D, seed=N + D, invalid=True, misaligned=misaligned,
                   skew=M > 3, env={"CUDA_EMU_SMS": "2"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("kc, aux", sorted(FUSED_CONFIGS))
+def test_topk_fused_config_sweep(tmp_path, dtype, kc, aux):
+    bm = FUSED_CONFIGS[(kc, aux)]
+    k, k_aux = (_k_for(kc), 0) if not aux else (min(_k_for(kc), 128), _k_for(kc))
+    log = _topk_check(tmp_path, dtype, 2 * bm + 1, 70, 777, k, k_aux, n_dead=400, seed=kc)
+    assert _fused_launch(log) == (_fused_smem(bm, kc, aux), 4)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_topk_fused_with_centering(tmp_path, dtype):
+    # fp32 centres x - b_dec in a padded copy (D = 33); bf16 folds b_dec into the bias
+    _topk_check(tmp_path, dtype, 40, 33, 300, 7)
+
+
+def test_topk_splits_with_several_tiles_each(tmp_path):
+    # two SMs and one row block: two splits over five tiles (3 + 2), merged per row
+    log = _topk_check(tmp_path, "f16", 30, 24, 1200, 16, env={"CUDA_EMU_SMS": "2"})
+    assert _fused_launch(log)[1] == 2
+
+
+@pytest.mark.parametrize("k, k_aux, D", [(300, 0, 40), (9, 144, 288)])
+def test_topk_general_path(tmp_path, k, k_aux, D):
+    # k > 256; k_aux = D/2 > 128 (the spec's default): z materialised, radix select, cub sort
+    log = _topk_check(tmp_path, "f16", 19, D, 600, k, k_aux, n_dead=400)
+    assert any(line.startswith("gemm_store_kernel") for line in log) and not any(
+        line.startswith("kernel ") for line in log), log
+
+
+@pytest.mark.parametrize("n_dead", [3, 590])
+def test_topk_aux_few_and_many_dead(tmp_path, n_dead):
+    # 3 dead < k_aux: the rest of the AuxK outputs are the lowest-index live latents at -inf (ReLU 0)
+    _topk_check(tmp_path, "f16", 10, 16, 600, 12, 20, n_dead=n_dead)
+
+
+def test_topk_all_equal_rows(tmp_path):
+    # every latent has the same row: all z tie, and the lowest indices win, across tiles and splits
+    _topk_check(tmp_path, "f16", 20, 8, 700, 40, 10, n_dead=350, bias=False,
+                transform=lambda x, W: (x, W[:1].expand_as(W).clone()))
+
+
+def test_topk_nan_rows(tmp_path):
+    def nan_rows(x, W):
+        x[3] = float("nan")        # every z of row 3 is NaN: NaN ranks first, ties to lower index
+        W[500, 2] = float("nan")   # latent 500 is NaN in every row
+        return x, W
+    _topk_check(tmp_path, "f16", 9, 16, 600, 5, 6, n_dead=300, transform=nan_rows)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_topk_one_feature(tmp_path, dtype):
+    _topk_check(tmp_path, dtype, 7, 1, 260, 4, 3, n_dead=100)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_topk_misaligned_operands(tmp_path, dtype):
+    # x and W_enc start 1 element past 16-byte alignment: both get aligned copies
+    _topk_check(tmp_path, dtype, 11, 32, 300, 6, x_offset=1, w_offset=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("N, D, M, k, k_aux, n_dead", [
+    (1, 1, 1, 1, 0, 0), (3, 7, 5, 5, 5, 5), (130, 100, 513, 33, 0, 0), (70, 64, 300, 129, 0, 0),
+    (5, 520, 600, 300, 300, 20), (257, 16, 256, 32, 32, 256)])
+def test_topk_sweep(tmp_path, dtype, N, D, M, k, k_aux, n_dead):
+    _topk_check(tmp_path, dtype, N, D, M, k, k_aux, n_dead=n_dead, seed=N + M, env={"CUDA_EMU_SMS": "3"})
