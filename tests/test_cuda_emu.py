@@ -542,3 +542,38 @@ def test_topk_misaligned_operands(tmp_path, dtype):
     (5, 520, 600, 300, 300, 20), (257, 16, 256, 32, 32, 256)])
 def test_topk_sweep(tmp_path, dtype, N, D, M, k, k_aux, n_dead):
     _topk_check(tmp_path, dtype, N, D, M, k, k_aux, n_dead=n_dead, seed=N + M, env={"CUDA_EMU_SMS": "3"})
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_topk_large_b_dec_contract(tmp_path, dtype):
+    """16-bit inputs: b_dec is folded into the bias (kernels/cuda/topk_encode.cuh), z = x W^T +
+    (b_enc - b_dec W^T) in fp32. Exact data match bit for bit; realistic data (x near a large b_dec)
+    stay within the documented bound 2^-24 * (D + 16) * (|x| + |b_dec|) |W|^T of the reference's z,
+    and the picks are a top-k of the reference up to that bound (near-ties may order differently)."""
+    T = DTYPES[dtype]
+    N, D, M, k = 16, 64, 300, 10
+    g = torch.Generator().manual_seed(5)
+    # exact: b_dec in the hundreds, x = b_dec + small integers, integer weights
+    b_dec = (exact_values((D,), g, 100, 200)).to(T)
+    x = (b_dec.double() + exact_values((N, D), g)).to(T)
+    W = exact_values((M, D), g).to(T)
+    b_enc = exact_values((M,), g, scale=0.25).to(T)
+    _, out = _topk_run(tmp_path, dtype, x, W, b_enc, b_dec, k, name="exact")
+    want = topk_reference.topk_encode(x, W, b_enc, k, b_dec)
+    _assert_same(out["values"], want[0], "values")
+    _assert_same(out["indices"], want[1], "indices")
+    # realistic: unit-scale activations around b_dec ~ 50, Gaussian weights
+    b_dec = (50 + torch.randn(D, generator=g, dtype=torch.float64)).to(T)
+    x = (b_dec.double() + torch.randn(N, D, generator=g, dtype=torch.float64)).to(T)
+    W = (torch.randn(M, D, generator=g, dtype=torch.float64) / 8).to(T)
+    b_enc = (torch.randn(M, generator=g, dtype=torch.float64) / 4).to(T)
+    _, out = _topk_run(tmp_path, dtype, x, W, b_enc, b_dec, k, name="realistic")
+    z = (x.double() - b_dec.double()) @ W.double().T + b_enc.double()
+    bound = 2.0**-24 * (D + 16) * ((x.double().abs() + b_dec.double().abs()) @ W.double().abs().T)
+    idx = out["indices"].long()
+    picked = z.gather(1, idx)
+    kth = z.sort(1, descending=True).values[:, k - 1:k]
+    assert (picked >= kth - 2 * bound.max(1, keepdim=True).values).all()
+    unit = 2.0**-10 if dtype == "f16" else 2.0**-7  # the output's rounding, relative
+    got = out["values"].double()
+    assert ((got - picked.clamp_min(0)).abs() <= bound.gather(1, idx) + unit * picked.abs()).all()

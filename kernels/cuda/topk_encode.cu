@@ -548,8 +548,9 @@ __global__ void center_pad_kernel(const T* __restrict__ in, const T* __restrict_
 }
 
 // zbias[m] = b_enc[m] - <b_dec, W[m]> in fp32 (one warp per latent): for 16-bit inputs b_dec is folded
-// into the bias instead of rounding x - b_dec to 16 bits, so z matches the fp32 reference
-// ((x - b_dec) W^T = x W^T - b_dec W^T with exact 16-bit operands). One extra read of W_enc.
+// into the bias instead of rounding x - b_dec to 16 bits, so z matches the fp32 reference up to the
+// rounding bound in topk_encode.cuh ((x - b_dec) W^T = x W^T - b_dec W^T, exactly so for exact data;
+// tests/test_cuda_emu.py::test_topk_large_b_dec_contract). One extra read of W_enc.
 template <typename T, int VEC>
 __global__ void zbias_kernel(const T* __restrict__ W, const T* __restrict__ b_enc,
                              const T* __restrict__ b_dec, int64_t M, int64_t D,

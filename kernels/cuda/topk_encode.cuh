@@ -5,6 +5,10 @@
 //   values  = ReLU(top-k of z per row), x's dtype       (N, k), descending, ties -> lower latent
 //   indices = their latents, int32                        (N, k)
 //   aux     = the same over dead latents only (live latents count as -inf), (N, k_aux)
+// 16-bit inputs fold b_dec into the bias: z = x W_enc^T + (b_enc - b_dec W_enc^T), both in fp32, which
+// differs from (x - b_dec) W_enc^T by rounding, at most about 2^-24 (D + 16) (|x| + |b_dec|) |W_enc|^T
+// per entry; with a large b_dec, latents whose z are that close may order unlike the reference.
+// Exact 16-bit data (e.g. small integers) give the reference's z exactly.
 #pragma once
 
 #include <cstddef>
