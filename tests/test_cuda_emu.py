@@ -43,9 +43,17 @@ def _read(case: Path, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
 
 
-def run_case(tmp_path: Path, kernel: str, params: dict, arrays: dict, *, variant: str = "asan",
+SANITIZER = {"variant": "asan"}  # the build the case helpers run; the tsan fixture switches it
+
+
+@pytest.fixture
+def tsan(monkeypatch):
+    monkeypatch.setitem(SANITIZER, "variant", "tsan")
+
+
+def run_case(tmp_path: Path, kernel: str, params: dict, arrays: dict, *, variant: str | None = None,
              env: dict | None = None, name: str = "case") -> tuple[Path, subprocess.CompletedProcess]:
-    binary = emu.build(kernel, variant)
+    binary = emu.build(kernel, variant or SANITIZER["variant"])
     case = tmp_path / name
     _write(case, params, arrays)
     log = case / "launches.log"
@@ -212,7 +220,7 @@ def _resonator_case(tmp_path, *, batch=5, dim=70, sizes=(9, 12, 7), max_iters=12
     if known:
         known_t = torch.full((batch, len(sizes)), -1, dtype=torch.int64)
         known_t[::2, 0] = truth[::2, 0]
-        known_t[1::3, 2] = truth[1::3, 2]
+        known_t[1::3, -1] = truth[1::3, -1]
     ref = resonator_reference.resonator(
         s.double(), [cb.double() for cb in codebooks], max_iters=max_iters, update=update, activation=activation,
         k=k, threshold=threshold, noise=noise, seed=seed, stop=stop, theta=theta, detect_cycles=detect_cycles,
@@ -577,3 +585,29 @@ def test_topk_large_b_dec_contract(tmp_path, dtype):
     unit = 2.0**-10 if dtype == "f16" else 2.0**-7  # the output's rounding, relative
     got = out["values"].double()
     assert ((got - picked.clamp_min(0)).abs() <= bound.gather(1, idx) + unit * picked.abs()).all()
+
+
+# ---- ThreadSanitizer: the racecheck, a subset (every fiber a TSan thread, only barriers order) ----
+@pytest.mark.usefixtures("tsan")
+def test_thread_sanitizer_topk_fused_and_merge(tmp_path):
+    _topk_check(tmp_path, "f16", 67, 40, 600, 9, 20, n_dead=200)
+
+
+@pytest.mark.usefixtures("tsan")
+def test_thread_sanitizer_topk_general(tmp_path):
+    _topk_check(tmp_path, "f16", 5, 40, 300, 9, 140, n_dead=200)
+
+
+@pytest.mark.usefixtures("tsan")
+def test_thread_sanitizer_sparse_backward(tmp_path):
+    _sparse_check(tmp_path, "sparse_t_matmul", "f32", 60, 8, 20, 40, skew=True, env={"CUDA_EMU_SMS": "1"})
+
+
+@pytest.mark.usefixtures("tsan")
+def test_thread_sanitizer_resonator(tmp_path):
+    _resonator_case(tmp_path, batch=5, grid=2, **RESONATOR_VARIANTS["cycles"])
+
+
+@pytest.mark.usefixtures("tsan")
+def test_thread_sanitizer_ij_accumulate(tmp_path):
+    _ij_case(tmp_path, "f16", K=2, E=3, S=3, width=40, with_jbar=True)

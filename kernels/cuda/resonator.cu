@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) resonator_bits_kernel(const Resonato
           }
           const uint32_t fresh = __ballot_sync(kFullMask, p < 0) & valid_bits(a.dim, w);
           if (lane == 0) {
-            if (fresh != estimate[w]) changed = 1;
+            if (fresh != estimate[w]) atomicOr(&changed, 1);  // warps race here: plain stores would be a data race
             estimate[w] = fresh;
             if (!a.parallel) s.running[w] = s.unbound[w] ^ fresh;
           }

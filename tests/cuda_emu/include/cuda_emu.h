@@ -307,6 +307,8 @@ inline T atomic_max(T* p, T v) {
 inline int atomicAdd(int* p, int v) { return cuda_emu::atomic_add(p, v); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return cuda_emu::atomic_add(p, v); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return cuda_emu::atomic_add(p, v); }
+inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
 inline int atomicMax(int* p, int v) { return cuda_emu::atomic_max(p, v); }
 inline unsigned atomicMax(unsigned* p, unsigned v) { return cuda_emu::atomic_max(p, v); }
 
