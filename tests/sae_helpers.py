@@ -1,16 +1,16 @@
 """Shared by the SAE training tests: backends to train with, a float64 dense reference of the SAE
-loss (sae.md, with switches that reintroduce the popular libraries' bugs), and small sources."""
+loss (docs/SAE_TRAINING.md, with switches that reintroduce the popular libraries' bugs), and small sources."""
 from __future__ import annotations
 
 import torch
 
-from helpers import kernel_backends
+from helpers import backends
 
 
 def training_backends() -> list[str]:
     """Backends for the float64 training checks: the Triton encoder has no float64 path (its
     gradients are checked against the float64 reference in float32 in tests/test_topk_encode.py)."""
-    return ["torch"] + [b for b in kernel_backends("cpu") if b != "triton"]
+    return [b for b in backends("topk_encode") if b != "triton"]
 
 
 def correlated_activations(tokens: int, width: int, *, seed: int = 0, offset: float = 2.0) -> torch.Tensor:
@@ -22,7 +22,7 @@ def correlated_activations(tokens: int, width: int, *, seed: int = 0, offset: fl
 
 def dense_reference_loss(W_enc, b_enc, W_dec, b_dec, x, k, *, dead_mask=None, k_aux=0, aux_alpha=1 / 32,
                          relu_mask=True, aux_reaches_encoder=True, aux_adds_b_dec=False):
-    """(loss, fvu, aux_loss, active mask (N, M)) of sae.md, dense (N x M), differentiated by torch.
+    """(loss, fvu, aux_loss, active mask (N, M)) of docs/SAE_TRAINING.md, dense (N x M), differentiated by torch.
     The switches reproduce the traps: relu_mask=False lets gradient through negative selected
     pre-activations; aux_reaches_encoder=False detaches the encoder in AuxK; aux_adds_b_dec=True
     adds b_dec to the AuxK reconstruction a second time."""

@@ -289,17 +289,27 @@ def _launch_grid(case: Path, kernel: str) -> int:
     return int(lines[-1].split("grid=")[1].split(",")[0])
 
 
-def test_resonator_codebook_over_shared_memory_fails_loudly(tmp_path):
-    # M_f * 16 bytes of similarities/weights per block pass the 227 KiB opt-in: the launch must fail
-    # (the glue turns that into an error naming the codebook size), never run with too little memory.
+def test_resonator_codebook_over_shared_memory_is_refused(tmp_path):
+    # M_f * 16 bytes of similarities/weights per block pass the 227 KiB opt-in: the codebook-size query
+    # refuses it before any launch (the glue turns that into an error naming M_f)
     g = torch.Generator().manual_seed(0)
     M, dim = 15000, 32
     cb = torch.randint(0, 2, (M, dim), generator=g).to(torch.int8) * 2 - 1
     params = {"batch": 1, "dim": dim, "sizes": str(M), "max_iters": 1, "parallel": 0, "activation": 0, "k": 0,
               "threshold_units": 0, "noise": "0.0", "seed": 0, "stop_on_similarity": 0, "theta_units": 0,
               "detect_cycles": 0, "has_known": 0}
-    _, result = run_case(tmp_path, "resonator", params, {"s": cb[:1], "similarity": cb, "projection": cb})
-    assert result.returncode == 3 and "cuda error 1" in result.stdout, result.stdout + result.stderr[-2000:]
+    case, result = run_case(tmp_path, "resonator", params, {"s": cb[:1], "similarity": cb, "projection": cb})
+    assert result.returncode == 4 and "codebook too large: M_f = 15000 > " in result.stdout, (
+        result.stdout + result.stderr[-2000:])
+    assert 14000 < int(result.stdout.split(" > ")[1]) < 15000  # 227 KiB / 16 bytes, less the state
+    assert not [line for line in launches(case) if line.startswith("resonator_bits_kernel")]
+
+
+def test_resonator_largest_codebook_runs(tmp_path):
+    # 14000 codevectors: over 48 KiB of dynamic shared memory, opted in by resonator_bits_grid
+    case, _ = _resonator_case(tmp_path, batch=2, dim=32, sizes=(14000,), max_iters=2, flips=3)
+    smem = int([line for line in launches(case) if line.startswith("resonator_bits_kernel")][-1].split("smem=")[1])
+    assert 48 * 1024 < smem <= 227 * 1024
 
 
 # ---- topk_encode.cu ---------------------------------------------------------------------------
@@ -465,10 +475,10 @@ def test_sparse_backward_latent_spanning_many_chunks(tmp_path):
     assert chunks and int(chunks[0].split("grid=")[1].split(",")[0]) >= 8, log
 
 
-@pytest.mark.parametrize("op", ["gather_sum", "gather_dot", pytest.param("sparse_t_matmul", marks=pytest.mark.xfail(
-    strict=True, reason="issue 13 §2: coef_sum never written for D = 0; the fix comes with branch cpp-spine"))])
+@pytest.mark.parametrize("op", ["gather_sum", "gather_dot", "sparse_t_matmul"])
 def test_sparse_decode_zero_width(tmp_path, op):
-    # D = 0: nothing to gather, but the backward still owes coef_sum (grad of b_enc)
+    # D = 0: nothing to gather, but the backward still owes coef_sum (grad of b_enc; issue 13 §2, it was
+    # never written before chunk_reduce_kernel made one pass for D = 0)
     _sparse_check(tmp_path, op, "f32", 5, 3, 7, 0)
 
 

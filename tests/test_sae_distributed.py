@@ -20,9 +20,9 @@ WIDTH, LATENTS, K, K_AUX = 12, 40, 4, 6
 DATA = dict(tokens=300, width=WIDTH, seed=12)
 
 
-def _config(parallel: str, grad_accumulation: int = 1) -> TrainConfig:
+def _config(grad_accumulation: int = 1) -> TrainConfig:
     return TrainConfig(tokens=16 * 2 * 6, batch_size=16, grad_accumulation=grad_accumulation, lr=3e-3,
-                       dead_after_tokens=32, log_every=3, parallel=parallel, progress=False)
+                       dead_after_tokens=32, log_every=3, progress=False)
 
 
 def _train(parallel: str, grad_accumulation: int, out_dir=None, context=None) -> Trainer:
@@ -30,7 +30,7 @@ def _train(parallel: str, grad_accumulation: int, out_dir=None, context=None) ->
     sae = build_sae("topk", WIDTH, LATENTS, K, parallel=parallel, backend="torch", k_aux=K_AUX,
                     dtype=torch.float64, seed=3)
     source = TensorSource(correlated_activations(DATA["tokens"], WIDTH, seed=DATA["seed"]))
-    trainer = Trainer(sae, source, _config(parallel, grad_accumulation), out_dir, context=context)
+    trainer = Trainer(sae, source, _config(grad_accumulation), out_dir, context=context)
     trainer.train()
     return trainer
 

@@ -1,5 +1,5 @@
 """SAE modules and trainer: parity with a float64 dense reference of the whole step (AuxK included),
-the three library bugs of sae.md, dead-latent bookkeeping without host syncs, checkpoints (round
+the three library bugs of docs/SAE_TRAINING.md, dead-latent bookkeeping without host syncs, checkpoints (round
 trip, resume = uninterrupted run, crash mid-write), sparsify's layout, bad configs, the CLI."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pyinterp import _atomic
 from pyinterp.nn import BatchTopKSAE, TopKSAE
 from pyinterp.sae import DeadLatents, ShardSource, TensorSource, TrainConfig, Trainer, build_sae
 from pyinterp.sae import checkpoint
@@ -153,16 +154,16 @@ def test_dead_latent_bookkeeping():
     values = torch.tensor([[1.0, 0.0], [2.0, 0.5]])
     indices = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
     dead.record(values, indices)
-    dead.end_step(tokens=4, data_parallel=False)
+    dead.end_step(tokens=4)
     assert dead.tokens_since_fired.tolist() == [0, 4, 0, 4, 4, 4]  # a zero value is not a fire
     for _ in range(2):
         dead.record(torch.tensor([[1.0]]), torch.tensor([[3]], dtype=torch.int32))
-        dead.end_step(tokens=4, data_parallel=False)
+        dead.end_step(tokens=4)
     assert dead.tokens_since_fired.tolist() == [8, 12, 8, 0, 12, 12]
     assert dead.mask().tolist() == [False, True, False, False, True, True]
     sharded = DeadLatents(3, offset=3, dead_after_tokens=10, device="cpu")
     sharded.record(torch.tensor([[1.0, 1.0]]), torch.tensor([[1, 4]], dtype=torch.int32))
-    sharded.end_step(tokens=2, data_parallel=False)
+    sharded.end_step(tokens=2)
     assert sharded.tokens_since_fired.tolist() == [2, 0, 2]  # latent 1 belongs to another rank
 
 
@@ -194,6 +195,12 @@ def test_training_step_has_no_host_sync(architecture):
     with _HostSyncDetector() as detector:
         trainer.train_step()
     assert detector.syncs == []
+    before = [p.detach().clone() for p in sae.parameters()]
+    trainer._batch = lambda step, accumulation: torch.full((32, 12), float("nan"))  # noqa: E731
+    with _HostSyncDetector() as detector:
+        trainer.train_step()  # skipped on the device: still no sync
+    assert detector.syncs == []
+    assert all(torch.equal(a, b) for a, b in zip(before, sae.parameters()))
 
 
 # ---- the whole step against a float64 reference ----
@@ -290,7 +297,8 @@ def test_checkpoint_round_trip_and_saved_sae(tmp_path):
     saved = trainer.checkpoint_tensors()
     assert tensors.keys() == saved.keys()
     assert all(torch.equal(tensors[name], saved[name].cpu()) for name in saved)
-    assert json.loads((tmp_path / checkpoint.CHECKPOINT_JSON).read_text()) == state
+    manifest = json.loads((tmp_path / checkpoint.MANIFEST).read_text())
+    assert {key: value for key, value in manifest.items() if key in state} == state
     loaded = TopKSAE.load(tmp_path, backend="torch")
     for a, b in zip(loaded.parameters(), trainer.sae.parameters()):
         assert torch.equal(a, b)
@@ -309,7 +317,7 @@ def test_crash_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path, monke
             handle.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"partial")
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(checkpoint, "save_file", torn_write)
+    monkeypatch.setattr(_atomic, "save_file", torn_write)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
     monkeypatch.undo()
@@ -317,11 +325,12 @@ def test_crash_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path, monke
     def crash_before_rename(src, dst):
         raise OSError("power cut before the rename")
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash_before_rename)
+    monkeypatch.setattr(_atomic.os, "replace", crash_before_rename)
     with pytest.raises(OSError):
         trainer.save_checkpoint()
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "checkpoint.safetensors"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0].startswith("checkpoint-000000001-") and names[1] == "checkpoint.json"
     resumed = small_trainer(tmp_path, resume=True)
     assert resumed.step == 1
 

@@ -1,12 +1,34 @@
-// Device helpers shared by the kernels/cuda/*.cu files (device code; include from .cu only).
+// Helpers shared by the kernels/cuda/*.cu files (device code and launcher plumbing; include from .cu
+// only).
+//
+// Naming rule of kernels/cuda, for every op:
+//   - everything lives in namespace pyinterp::cuda (device helpers in pyinterp::cuda::detail,
+//     a file's own kernels and host helpers in an anonymous namespace inside it);
+//   - a launcher (a host function in <op>.cuh that enqueues work on a cudaStream_t and returns the
+//     cudaError_t of its launches, never synchronising) is named after the schema op it implements
+//     (csrc/bindings.cpp): gather_sum, gather_dot, sparse_t_matmul, topk_encode_forward,
+//     ij_accumulate (the in-place ij_accumulate_ without its trailing underscore), resonator_bits;
+//   - a launcher of one step of an op that its glue sequences itself is <op>_<step>
+//     (resonator_bits_pack_signs), and a host query made before launching is <op>_<quantity>
+//     (topk_encode_forward_workspace_bytes, resonator_bits_grid); queries return cudaError_t too
+//     and write their answer through a pointer;
+//   - a __global__ function is <what it computes>_kernel.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+// Returns from the enclosing launcher with the first CUDA error.
+#define PI_TRY(expr)                            \
+  do {                                          \
+    const cudaError_t pi_err_ = (expr);         \
+    if (pi_err_ != cudaSuccess) return pi_err_; \
+  } while (0)
 
 namespace pyinterp::cuda::detail {
 
@@ -136,5 +158,14 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif  // PYINTERP_CUDA_EMU
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Offset of the next `bytes` of a launcher's workspace, 256-byte aligned; advances `cursor`.
+inline size_t carve(size_t& cursor, size_t bytes) {
+  const size_t off = (cursor + 255) / 256 * 256;
+  cursor = off + bytes;
+  return off;
+}
 
 }  // namespace pyinterp::cuda::detail

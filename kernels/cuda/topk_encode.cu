@@ -1,6 +1,7 @@
 // Fused top-k SAE encoder (contract in topk_encode.cuh).
 //
-// Fast path (k <= 256, and k_aux <= 128 when AuxK is on): one kernel computes z tile by tile on the
+// Fast path (k <= 256 without AuxK; k <= 128 and k_aux <= 128 with AuxK, whose two per-row states
+// leave no fused config above 128 in kFusedConfigs): one kernel computes z tile by tile on the
 // tensor cores (mma.sync m16n8k16, fp32 accumulators; fp32 inputs take a SIMT FFMA path so that they
 // stay exact fp32) and folds every tile into a per-row running top-k held in shared memory. Each CTA
 // owns BM rows and one contiguous range of latents (a "split"); it writes its sorted top-k candidates,
@@ -27,15 +28,7 @@
 namespace pyinterp::cuda {
 namespace {
 
-using detail::ceil_div;
-using detail::cp_async16;
-using detail::cp_async_commit;
-using detail::cp_async_wait;
-using detail::from_float;
-using detail::ldmatrix_x4;
-using detail::mma_16816;
-using detail::smem_u32;
-using detail::to_float;
+using namespace detail;  // common.cuh
 
 // ------------------------------------------------------------------------------------------------
 // Keys
@@ -707,12 +700,6 @@ __global__ void decode_kernel(const uint64_t* __restrict__ keys, int64_t count, 
 // ------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------
-#define PI_TRY(expr)                              \
-  do {                                            \
-    const cudaError_t pi_err_ = (expr);           \
-    if (pi_err_ != cudaSuccess) return pi_err_;   \
-  } while (0)
-
 constexpr int64_t kMergeMaxKeys = 2048;             // splits * kc, the merge kernel's list budget
 constexpr int64_t kGeneralZBytes = int64_t(256) << 20;  // z chunk of the general path
 constexpr int kElementwiseBlocks = 1024;
@@ -756,14 +743,6 @@ struct Plan {
   size_t total = 0;
 };
 
-bool misaligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; }
-
-size_t carve(size_t& cursor, size_t bytes) {
-  const size_t off = (cursor + 255) / 256 * 256;
-  cursor = off + bytes;
-  return off;
-}
-
 cudaError_t sort_bytes(int64_t rows, int64_t k, size_t* bytes) {
   *bytes = 0;
   if (rows == 0 || k == 0) return cudaSuccess;
@@ -787,8 +766,8 @@ cudaError_t make_plan(const TopkEncodeArgs<T>& a, Plan& p) {
 
   // cp.async moves 16 bytes: rows must start 16-byte aligned, else the operands get a padded copy.
   p.ld = ceil_div(a.D, kVec) * kVec;
-  p.copy_x = p.ld != a.D || misaligned16(a.x) || (kFloat && a.b_dec);
-  p.copy_w = p.ld != a.D || misaligned16(a.W_enc);
+  p.copy_x = p.ld != a.D || !aligned16(a.x) || (kFloat && a.b_dec);
+  p.copy_w = p.ld != a.D || !aligned16(a.W_enc);
   p.zbias_pass = !kFloat && (a.b_enc || a.b_dec);
 
   size_t cursor = 0;
@@ -960,7 +939,7 @@ cudaError_t run_general(const TopkEncodeArgs<T>& a, const Plan& p, const T* X, c
 }  // namespace
 
 template <typename T>
-cudaError_t topk_encode_workspace_bytes(const TopkEncodeArgs<T>& args, size_t* bytes) {
+cudaError_t topk_encode_forward_workspace_bytes(const TopkEncodeArgs<T>& args, size_t* bytes) {
   Plan p;
   PI_TRY(make_plan(args, p));
   *bytes = p.total;
@@ -1001,7 +980,7 @@ cudaError_t topk_encode_forward(const TopkEncodeArgs<T>& a, void* workspace, siz
     float* zb = reinterpret_cast<float*>(ws + p.off_zbias);
     constexpr int kVec = detail::kVec16<T>;
     const unsigned grid = static_cast<unsigned>(ceil_div(a.M, kWarps));
-    if (a.D % kVec == 0 && !misaligned16(a.W_enc) && !misaligned16(a.b_dec))
+    if (a.D % kVec == 0 && !!aligned16(a.W_enc) && !!aligned16(a.b_dec))
       zbias_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(a.W_enc, a.b_enc, a.b_dec, a.M, a.D, zb);
     else
       zbias_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a.W_enc, a.b_enc, a.b_dec, a.M, a.D, zb);
@@ -1011,8 +990,8 @@ cudaError_t topk_encode_forward(const TopkEncodeArgs<T>& a, void* workspace, siz
   return p.fused ? run_fused(a, p, X, W, zbias, ws, stream) : run_general(a, p, X, W, zbias, ws, stream);
 }
 
-#define PI_INSTANTIATE(T)                                                                     \
-  template cudaError_t topk_encode_workspace_bytes<T>(const TopkEncodeArgs<T>&, size_t*);    \
+#define PI_INSTANTIATE(T)                                                                          \
+  template cudaError_t topk_encode_forward_workspace_bytes<T>(const TopkEncodeArgs<T>&, size_t*); \
   template cudaError_t topk_encode_forward<T>(const TopkEncodeArgs<T>&, void*, size_t, cudaStream_t);
 PI_INSTANTIATE(float)
 PI_INSTANTIATE(__half)

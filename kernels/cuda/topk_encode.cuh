@@ -39,16 +39,19 @@ struct TopkEncodeArgs {
 // Bytes of device scratch memory topk_encode_forward needs for these arguments on the current
 // device (pointers matter: unaligned rows take a padded copy).
 template <typename T>
-cudaError_t topk_encode_workspace_bytes(const TopkEncodeArgs<T>& args, size_t* bytes);
+cudaError_t topk_encode_forward_workspace_bytes(const TopkEncodeArgs<T>& args, size_t* bytes);
 
-// Enqueues the whole encode on `stream`; `workspace` holds at least topk_encode_workspace_bytes.
+// Enqueues the whole encode on `stream`; `workspace` holds at least
+// topk_encode_forward_workspace_bytes.
 template <typename T>
 cudaError_t topk_encode_forward(const TopkEncodeArgs<T>& args, void* workspace,
                                 size_t workspace_bytes, cudaStream_t stream);
 
-extern template cudaError_t topk_encode_workspace_bytes<float>(const TopkEncodeArgs<float>&, size_t*);
-extern template cudaError_t topk_encode_workspace_bytes<__half>(const TopkEncodeArgs<__half>&, size_t*);
-extern template cudaError_t topk_encode_workspace_bytes<__nv_bfloat16>(
+extern template cudaError_t topk_encode_forward_workspace_bytes<float>(const TopkEncodeArgs<float>&,
+                                                                       size_t*);
+extern template cudaError_t topk_encode_forward_workspace_bytes<__half>(const TopkEncodeArgs<__half>&,
+                                                                        size_t*);
+extern template cudaError_t topk_encode_forward_workspace_bytes<__nv_bfloat16>(
     const TopkEncodeArgs<__nv_bfloat16>&, size_t*);
 extern template cudaError_t topk_encode_forward<float>(const TopkEncodeArgs<float>&, void*, size_t,
                                                        cudaStream_t);

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 from pyinterp.attribution.encoders import SIMILARITIES, explain_pair
+from pyinterp.cli import CommandError, check_output_file, nonnegative_int, positive_int, report
 from pyinterp.attribution.plot import save_heatmap, summary
 from pyinterp.attribution.quadrature import METHODS
 
@@ -17,9 +17,9 @@ HELP = "attribute an embedding model's similarity of two texts to token pairs (i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text_a", help="first text")
     parser.add_argument("text_b", help="second text")
-    parser.add_argument("--layer", type=int, default=None,
+    parser.add_argument("--layer", type=nonnegative_int, default=None,
                         help="attribute at the input of this encoder layer (0 = embeddings; default: middle)")
-    parser.add_argument("--steps", type=int, default=10, help="quadrature nodes N (default 10)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="quadrature nodes N (default 10)")
     parser.add_argument("--method", choices=tuple(METHODS), default="gauss_legendre", help="quadrature rule")
     parser.add_argument("--similarity", choices=SIMILARITIES, default="cosine")
     parser.add_argument("--model", default=None,
@@ -43,15 +43,19 @@ def load_model(path: str | None = None):
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.out:
+            check_output_file("--out", args.out)
         model = load_model(args.model)
         pair = explain_pair(model, args.text_a, args.text_b, layer=args.layer, n_steps=args.steps,
                             method=args.method, similarity=args.similarity)
-    except (ValueError, TypeError, ImportError, OSError) as exc:
-        print(f"pyinterp attribute: {exc}", file=sys.stderr)
-        return 2
+    except (CommandError, ValueError, TypeError, ImportError, OSError) as exc:
+        return report("attribute", exc)
     print(summary(pair))
     if args.out:
-        save_heatmap(pair, args.out)
+        try:
+            save_heatmap(pair, args.out)
+        except (OSError, ValueError) as exc:  # e.g. the folder vanished, disk full, an unknown image suffix
+            return report("attribute", exc)
         print(f"heatmap: {args.out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Top-k sparse autoencoders on pyinterp's fused ops, with the losses of sae.md (FVU + AuxK).
+"""Top-k sparse autoencoders on pyinterp's fused ops, with the losses of docs/SAE_TRAINING.md (FVU + AuxK).
 
 Saved in EleutherAI sparsify's layout (a folder with `sae.safetensors` holding encoder.weight,
 encoder.bias, W_dec, b_dec, and `cfg.json`), so SAEs trained by either library load in the other."""
@@ -14,9 +14,11 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from pyinterp import _validation
+from pyinterp._dtypes import accumulator_dtype
+from pyinterp._atomic import atomic_write_json, atomic_write_safetensors
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
-from pyinterp.reference.topk_encode import _compute_dtype, topk_lower_index_ties
+from pyinterp.reference.topk_encode import topk_lower_index_ties
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -37,17 +39,22 @@ class SAEOutput(NamedTuple):
     loss: Tensor
 
 
-def total_variance(x: Tensor) -> Tensor:
-    """||x - mean(x)||^2 over the batch (the FVU denominator), in fp32 or wider."""
-    x = x.to(_compute_dtype(x.dtype))
-    return (x - x.mean(0)).pow(2).sum()
+def total_variance(x: Tensor, variance_floor: float | None = None) -> Tensor:
+    """||x - mean(x)||^2 over the batch of N tokens (the FVU denominator), in fp32 or wider; with a
+    variance_floor (per token), at least N * variance_floor, so that a batch of identical tokens has
+    a finite FVU instead of x / 0 (docs/SAE_TRAINING.md, "Non-finite values")."""
+    x = x.to(accumulator_dtype(x.dtype))
+    variance = (x - x.mean(0)).pow(2).sum()
+    if variance_floor is not None:
+        variance = variance.clamp_min(x.shape[0] * variance_floor)
+    return variance
 
 
 class TopKSAE(nn.Module):
     """z = (x - b_dec) @ W_enc^T + b_enc; keep the k largest per token (ReLU'd); x_hat = sum of
     their W_dec rows + b_dec. Parameters are W_enc, W_dec (n_latents, d_model), b_enc, b_dec.
 
-    Init (sae.md, Gao et al. 2024): W_dec rows random unit vectors, W_enc = W_dec, biases zero;
+    Init (docs/SAE_TRAINING.md, Gao et al. 2024): W_dec rows random unit vectors, W_enc = W_dec, biases zero;
     call init_b_dec(first_batch) before training. Under torch.autocast the fused ops run in the
     autocast dtype on casts of the (fp32 master) weights. backend: that of the ops ("auto", "cuda",
     "triton", "cpu", "torch")."""
@@ -91,9 +98,13 @@ class TopKSAE(nn.Module):
         self.b_dec.copy_(x.reshape(-1, self.d_model).double().mean(0))
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Rows of W_dec back to unit norm (after each optimiser step)."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+    def normalize_decoder(self, applied: Tensor | None = None) -> None:
+        """Rows of W_dec back to unit norm (after each optimiser step). applied (bool, on the
+        device): False after a skipped step, which leaves W_dec bit for bit as it is."""
+        norm = self.W_dec.norm(dim=1, keepdim=True)
+        if applied is not None:
+            norm = torch.where(applied, norm, 1.0)
+        self.W_dec.div_(norm)
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
@@ -147,32 +158,35 @@ class TopKSAE(nn.Module):
         W_dec, b_dec = self._cast(self.W_dec, self.b_dec)
         return sparse_decode(values.to(W_dec.dtype), indices, W_dec, b_dec, backend=self.backend)
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *,
+                variance_floor: float | None = None) -> SAEOutput:
         """Reconstruction, activations and losses of a batch x (..., d_model), flattened to (N, D).
-        dead_mask (n_latents, bool): the latents that count as dead, for AuxK (None: no AuxK)."""
+        dead_mask (n_latents, bool): the latents that count as dead, for AuxK (None: no AuxK).
+        variance_floor: the least per-token variance the FVU and AuxK denominators use (None: the
+        batch's own, so a batch of identical tokens gives an infinite FVU)."""
         self._check_input(x)
         (flat,) = self._cast(x.reshape(-1, self.d_model))
         values, indices, aux_values, aux_indices, num_dead = self._select(flat, dead_mask)
         (b_dec,) = self._cast(self.b_dec)
         x_hat = self._decode_sum(values, indices) + b_dec
-        target = flat.to(_compute_dtype(flat.dtype))  # losses in fp32 (float64 stays float64)
-        fvu = (target - x_hat.to(target.dtype)).pow(2).sum() / total_variance(target)
+        target = flat.to(accumulator_dtype(flat.dtype))  # losses in fp32 (float64 stays float64)
+        fvu = (target - x_hat.to(target.dtype)).pow(2).sum() / total_variance(target, variance_floor)
         if aux_values is None:
             aux_loss = fvu.new_zeros(())
         else:
-            aux_loss = self._aux_loss(target, x_hat, aux_values, aux_indices, num_dead)
+            aux_loss = self._aux_loss(target, x_hat, aux_values, aux_indices, num_dead, variance_floor)
         return SAEOutput(x_hat.reshape(x.shape), values, indices, fvu, aux_loss,
                          fvu + self.aux_alpha * aux_loss)
 
     def _aux_loss(self, target: Tensor, x_hat: Tensor, aux_values: Tensor, aux_indices: Tensor,
-                  num_dead: Tensor) -> Tensor:
-        """AuxK (sae.md): the dead latents' reconstruction e_hat of the residual e = x - x_hat
+                  num_dead: Tensor, variance_floor: float | None) -> Tensor:
+        """AuxK (docs/SAE_TRAINING.md): the dead latents' reconstruction e_hat of the residual e = x - x_hat
         (stop-grad); e_hat has NO b_dec (it is inside e already). Normalised by ||e - mean(e)||^2,
         scaled by min(#dead / k_aux, 1) on the device (zero when none are dead: no host sync)."""
         residual = (target - x_hat.to(target.dtype)).detach()
         residual_hat = self._decode_sum(aux_values, aux_indices).to(target.dtype)
         scale = (num_dead.to(target.dtype) / self.k_aux).clamp(max=1.0)
-        return scale * (residual_hat - residual).pow(2).sum() / total_variance(residual)
+        return scale * (residual_hat - residual).pow(2).sum() / total_variance(residual, variance_floor)
 
     # ---- saving and loading (sparsify's layout) ----
     def gather_latent_rows(self, name: str, tensor: Tensor) -> Tensor:
@@ -215,31 +229,52 @@ class TopKSAE(nn.Module):
             inner = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_FILE}")) if path.is_dir() else []
             hint = f"; it holds one SAE per hookpoint: pass one of {', '.join(inner)}" if inner else ""
             raise FileNotFoundError(f"no SAE at {path}: expected {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{config_path}: not a readable JSON SAE config ({exc})") from exc
+        if not isinstance(config, dict) or not isinstance(config.get("k"), int):
+            raise ValueError(f"{config_path}: expected a JSON object with an integer 'k' (active "
+                             f"latents per token), got {str(config)[:80]}")
         if config.get("activation", "topk") != "topk" or config.get("transcode") or config.get("skip_connection"):
             raise ValueError(f"{config_path}: only plain top-k SAEs load (activation='topk', no transcoder, "
                              f"no skip connection); got activation={config.get('activation')!r}, "
                              f"transcode={config.get('transcode')}, skip_connection={config.get('skip_connection')}")
         own = config.get("pyinterp", {})
+        if not isinstance(own, dict):
+            raise ValueError(f"{config_path}: 'pyinterp' must be a JSON object, got {own!r}")
         module = BatchTopKSAE if own.get("architecture") == BatchTopKSAE.architecture else TopKSAE
-        with safe_open(str(weights_path), framework="pt") as handle:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        try:
+            with safe_open(str(weights_path), framework="pt") as handle:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
         missing = set(EXPORT_NAMES.values()) - tensors.keys()
         if missing:
             raise ValueError(f"{weights_path}: missing tensors {sorted(missing)}")
+        if tensors["encoder.weight"].dim() != 2:
+            raise ValueError(f"{weights_path}: encoder.weight must be 2-D (n_latents, d_model), got "
+                             f"shape {tuple(tensors['encoder.weight'].shape)}")
         n_latents, d_model = tensors["encoder.weight"].shape
+        expected = {"encoder.weight": (n_latents, d_model), "encoder.bias": (n_latents,),
+                    "W_dec": (n_latents, d_model), "b_dec": (d_model,)}
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
+                                 f"expected {shape} (from encoder.weight)")
         kwargs = {key: own[key] for key in ("k_aux", "aux_alpha", "seed") if key in own}
         if module is BatchTopKSAE:
             kwargs.update({key: own[key] for key in ("max_k_per_row", "threshold_momentum") if key in own})
-        sae = module(d_model, n_latents, config["k"], backend=backend, device=device,
-                     dtype=tensors["encoder.weight"].dtype, **kwargs)
+        try:
+            sae = module(d_model, n_latents, config["k"], backend=backend, device=device,
+                         dtype=tensors["encoder.weight"].dtype, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{config_path}: {exc}") from exc
         sae.import_tensors(tensors)
         return sae
 
 
 def write_sae_folder(path: str | Path, tensors: dict[str, Tensor], config: dict) -> None:
-    from pyinterp.sae.checkpoint import atomic_write_json, atomic_write_safetensors
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_safetensors(path / WEIGHTS_FILE, tensors)

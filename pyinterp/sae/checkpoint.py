@@ -1,73 +1,102 @@
-"""Atomic files: safetensors and JSON only (never pickle). Each file is written to a temporary name
-in the same folder, flushed to disk, then renamed over the target with os.replace, so a crash at
-any point leaves either the previous file or the new one, never a torn one."""
+"""Training checkpoints: one tensors file (`checkpoint-STEP-TAG.safetensors`: parameters, Adam state,
+dead counters) and one manifest (`checkpoint.json`: the training state, the tensors file's name and
+its SHA-256). The manifest is the commit point: it is replaced (atomically, pyinterp/_atomic.py)
+only after the new tensors file is on disk, and the tensors file it named before is deleted only
+after that. A kill at any point therefore leaves a manifest that describes exactly the tensors it
+names; what a killed write left behind (temporaries, an uncommitted tensors file) is removed by the
+next save or resume (clean_folder)."""
 from __future__ import annotations
 
 import json
-import os
-import stat
+import re
+import secrets
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
-CHECKPOINT_JSON = "checkpoint.json"
-METADATA_KEY = "pyinterp_checkpoint"
+from pyinterp._atomic import (atomic_write_json, atomic_write_safetensors, kill_point,
+                              remove_stale_temporaries, sha256_of_file)
+
+MANIFEST = "checkpoint.json"
+FORMAT, VERSION = "pyinterp-sae-checkpoint", 2
+_TENSORS_FILE = re.compile(r"^checkpoint-\d+-[0-9a-f]+\.safetensors$")
 
 
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: missing, damaged, or from another run."""
+
+
+def _committed_tensors_file(folder: Path) -> str | None:
     try:
-        # safetensors writes owner-only files; keep the mode a plain open() gives (the umask's).
-        with open(temporary, "wb"):
-            pass
-        mode = stat.S_IMODE(os.stat(temporary).st_mode)
-        write(temporary)
-        os.chmod(temporary, mode)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
+        return json.loads((folder / MANIFEST).read_text()).get("tensors", {}).get("file")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
-def atomic_write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
-                             metadata: dict[str, str] | None = None) -> None:
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    _atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+def _remove_tensors_files(folder: Path, keep: str) -> None:
+    for path in folder.glob("checkpoint-*.safetensors"):
+        if _TENSORS_FILE.match(path.name) and path.name != keep:
+            path.unlink(missing_ok=True)
 
 
-def atomic_write_json(path: Path, value) -> None:
-    _atomic(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2) + "\n"))
+def clean_folder(folder: Path) -> None:
+    """Remove killed writers' temporaries, and the tensors files a readable manifest does not name
+    (with no readable manifest they stay: they may be all that is left of the run)."""
+    folder = Path(folder)
+    remove_stale_temporaries(folder)
+    committed = _committed_tensors_file(folder)
+    if committed:
+        _remove_tensors_files(folder, committed)
 
 
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    """One self-contained checkpoint: tensors plus the JSON state in the safetensors metadata (what
-    resume reads), and the same JSON beside it for people."""
+    """Commit a checkpoint of `tensors` (all finite: the caller checks) and the JSON `state`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_safetensors(folder / CHECKPOINT_FILE, tensors, {METADATA_KEY: json.dumps(state)})
-    atomic_write_json(folder / CHECKPOINT_JSON, state)
+    clean_folder(folder)
+    name = f"checkpoint-{state['step']:09d}-{secrets.token_hex(4)}.safetensors"
+    digest = atomic_write_safetensors(folder / name, tensors, {"step": str(state["step"])})
+    manifest = {"format": FORMAT, "version": VERSION, **state,
+                "tensors": {"file": name, "sha256": digest}}
+    atomic_write_json(folder / MANIFEST, manifest)
+    kill_point("checkpoint-committed")
+    _remove_tensors_files(folder, name)  # the previous checkpoint and any a killed write left
+
+
+def require(mapping: dict, field: str, where) -> object:
+    if not isinstance(mapping, dict) or field not in mapping:
+        raise CheckpointError(f"resume: {where} has no field {field!r}; it was not written by this "
+                              f"version of pyinterp or was edited")
+    return mapping[field]
 
 
 def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    path = Path(folder) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+    """(tensors, state) of the checkpoint committed in `folder`, after checking the manifest's
+    format and the tensors file's SHA-256."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {manifest_path}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"resume: {manifest_path} is not readable JSON ({exc})") from exc
+    if require(manifest, "format", manifest_path) != FORMAT or require(manifest, "version", manifest_path) != VERSION:
+        raise CheckpointError(f"resume: {manifest_path} is format {manifest.get('format')!r} version "
+                              f"{manifest.get('version')!r}; this pyinterp reads {FORMAT!r} version {VERSION}")
+    described = require(manifest, "tensors", manifest_path)
+    tensors_path = folder / str(require(described, "file", f"{manifest_path} 'tensors'"))
+    expected = require(described, "sha256", f"{manifest_path} 'tensors'")
+    if not tensors_path.is_file():
+        raise CheckpointError(f"resume: {tensors_path}, named by {manifest_path}, is missing")
+    if sha256_of_file(tensors_path) != expected:
+        raise CheckpointError(f"resume: {tensors_path} does not match the SHA-256 recorded in "
+                              f"{manifest_path}: the file is damaged")
+    try:
+        with safe_open(str(tensors_path), framework="pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for a damaged file
-        raise ValueError(f"resume: {path} is not a readable checkpoint ({exc})") from exc
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"resume: {path} has no pyinterp training state in its metadata")
-    return tensors, json.loads(metadata[METADATA_KEY])
+        raise CheckpointError(f"resume: {tensors_path} is not a readable checkpoint ({exc})") from exc
+    state = {key: value for key, value in manifest.items() if key not in ("format", "version", "tensors")}
+    return tensors, state

@@ -4,80 +4,146 @@ training run for `pyinterp demo`."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 HELP = "train a top-k SAE on a model layer's activations or on activation shards"
+COMMAND = "train-sae"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pyinterp.cli import integer_at_least, finite_float, nonnegative_int, positive_int
+    from pyinterp.sae.distributed import PARALLEL_MODES
+    from pyinterp.sae.trainer import NONFINITE_POLICIES, PRECISIONS, TrainConfig
+
+    defaults = TrainConfig()
     source = parser.add_argument_group("activations")
     source.add_argument("--layer", default="3",
                         help="layer of the model to train on: an int (0 = embeddings, i = output of block i) "
                              "or a module name such as encoder.layer.2 (default 3)")
-    source.add_argument("--texts", type=int, default=None,
+    source.add_argument("--texts", type=positive_int, default=None,
                         help="use only the first N docstring sentences (default: all, ~100k tokens)")
     source.add_argument("--shards", default=None, metavar="DIR",
                         help="train on the .safetensors/.npy activation shards in DIR instead of a model")
     sae = parser.add_argument_group("SAE")
     sae.add_argument("--architecture", choices=("topk", "batch_topk"), default="topk")
-    sae.add_argument("--latents", type=int, default=4096, help="number of latents M (default 4096)")
-    sae.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
-    sae.add_argument("--k-aux", type=int, default=None, help="AuxK's k (default d_model / 2; 0 turns AuxK off)")
-    sae.add_argument("--aux-alpha", type=float, default=1 / 32, help="AuxK loss weight (default 1/32)")
+    sae.add_argument("--latents", type=positive_int, default=4096, help="number of latents M (default 4096)")
+    sae.add_argument("--k", type=positive_int, default=32, help="active latents per token (default 32)")
+    sae.add_argument("--k-aux", type=nonnegative_int, default=None,
+                     help="AuxK's k (default d_model / 2; 0 turns AuxK off)")
+    sae.add_argument("--aux-alpha", type=finite_float(0), default=1 / 32, help="AuxK loss weight (default 1/32)")
     sae.add_argument("--backend", default="auto", help="backend of the fused ops: auto, cuda, triton, cpu, torch")
-    train = parser.add_argument_group("training")
-    train.add_argument("--tokens", type=int, default=1_000_000, help="training tokens (default 1M)")
-    train.add_argument("--batch-size", type=int, default=1024, help="tokens per micro-batch per rank (default 1024)")
-    train.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per step (default 1)")
-    train.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(latents / 2^14))")
-    train.add_argument("--dead-after-tokens", type=int, default=None,
+    train = parser.add_argument_group("training (defaults: pyinterp.sae.TrainConfig's)")
+    train.add_argument("--tokens", type=positive_int, default=defaults.tokens,
+                       help=f"training tokens (default {defaults.tokens:,})")
+    train.add_argument("--batch-size", type=integer_at_least(2, ">= 2 (the FVU needs a variance)"),
+                       default=defaults.batch_size,
+                       help=f"tokens per micro-batch per rank (default {defaults.batch_size})")
+    train.add_argument("--grad-accumulation", type=positive_int, default=defaults.grad_accumulation,
+                       help=f"micro-batches per step (default {defaults.grad_accumulation})")
+    train.add_argument("--lr", type=finite_float(0, inclusive=False), default=defaults.lr,
+                       help="Adam lr (default 2e-4 / sqrt(latents / 2^14))")
+    train.add_argument("--dead-after-tokens", type=positive_int, default=defaults.dead_after_tokens,
                        help="tokens without firing after which a latent is dead (default 10M, or tokens/10 "
                             "for shorter runs so AuxK can act)")
-    train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    train.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                        help="bf16: autocast over fp32 master weights; auto: bf16 on CUDA, fp32 on CPU")
-    train.add_argument("--parallel", choices=("none", "ddp", "latents"), default="none",
+    train.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default=defaults.nonfinite,
+                       help="a step with a non-finite loss or gradient is skipped; then stop (default: exit "
+                            "with an error at the next log line) or skip (go on; stop only when a whole "
+                            "log window was skipped)")
+    train.add_argument("--parallel", choices=PARALLEL_MODES, default="none",
                        help="multi-process mode under torchrun: data parallel or latent sharding")
     train.add_argument("--device", default=None, help="default: cuda (the local rank's) if available, else cpu")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--log-every", type=int, default=20, help="steps between metrics lines (default 20)")
-    train.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    train.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
+    train.add_argument("--log-every", type=positive_int, default=defaults.log_every,
+                       help=f"steps between metrics lines (default {defaults.log_every})")
+    train.add_argument("--checkpoint-every", type=nonnegative_int, default=defaults.checkpoint_every,
+                       help=f"steps between checkpoints (default {defaults.checkpoint_every}; 0: at the end only)")
     train.add_argument("--out", default="sae-out", metavar="DIR",
                        help="metrics.jsonl, checkpoint and the trained SAE (sparsify layout) go here")
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: continue even if the activations or settings (precision, lr, "
+                            "dead-after-tokens, ...) differ from the checkpoint's")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _device(requested: str | None) -> torch.device:
+    from pyinterp.cli import check_device
+
     if requested:
-        return torch.device(requested)
+        return check_device(requested)
     if torch.cuda.is_available():
-        import os
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
+def _check_backend(backend: str, device: torch.device) -> None:
+    """Run the fused encoder once on a tiny SAE, so that an unknown or unavailable backend fails
+    here and not after the activations were harvested."""
+    from pyinterp.cli import CommandError
+    from pyinterp.nn import TopKSAE
+
+    try:
+        with torch.no_grad():
+            TopKSAE(4, 8, 2, backend=backend, device=device).encode(torch.zeros(2, 4, device=device))
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CommandError(f"--backend {backend}: {exc}") from None
+
+
+def _check_disk_space(out: Path, latents: int, d_model: int) -> None:
+    """A checkpoint (parameters and two Adam moments in fp32, counters) twice while the new one is
+    written, plus the trained SAE."""
+    from pyinterp.cli import CommandError
+
+    parameters = 2 * latents * d_model + latents + d_model
+    needed = 2 * (3 * 4 * parameters + 8 * latents) + 4 * parameters
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise CommandError(f"--out {out}: {free / 2**20:.1f} MiB free, but the checkpoints and the SAE need "
+                           f"about {needed / 2**20:.1f} MiB")
+
+
 def _check_arguments(args) -> None:
     """Errors a user can fix, named by their flag, before any model is loaded."""
-    for flag in ("latents", "k", "tokens", "batch_size", "grad_accumulation"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    from pyinterp.cli import CommandError
+
     if args.k > args.latents:
-        raise ValueError(f"--k {args.k} is more than --latents {args.latents} (need 1 <= k <= latents)")
+        raise CommandError(f"--k {args.k} is more than --latents {args.latents} (need 1 <= k <= latents)")
+    if args.k_aux is not None and args.k_aux > args.latents:
+        raise CommandError(f"--k-aux {args.k_aux} is more than --latents {args.latents}")
+    if args.allow_changes and not args.resume:
+        raise CommandError("--allow-changes only applies with --resume")
+
+
+def _describe(metrics: dict) -> str:
+    number = lambda key, spec: "n/a" if metrics.get(key) is None else format(metrics[key], spec)  # noqa: E731
+    return (f"FVU {number('fvu', '.4f')}, L0 {number('l0', '.1f')}, dead {number('dead_fraction', '.2%')}, "
+            f"{number('tokens_per_s', '.0f')} tokens/s")
 
 
 def run(args) -> int:
+    from pyinterp.cli import CommandError, check_writable_folder, report
+    from pyinterp.sae.checkpoint import MANIFEST, CheckpointError
     from pyinterp.sae.data import ShardSource, harvest_model_activations
     from pyinterp.sae.distributed import parallel_context
-    from pyinterp.sae.trainer import TrainConfig, Trainer, build_sae
+    from pyinterp.sae.trainer import NonFiniteError, TrainConfig, Trainer, build_sae
 
     try:
         _check_arguments(args)
-        context = parallel_context(args.parallel)
         device = _device(args.device)
+        _check_backend(args.backend, device)
+        out = check_writable_folder("--out", args.out)
+        if args.resume and not (out / MANIFEST).is_file():
+            raise CommandError(f"--resume: no checkpoint in {out} (checkpoint.json)")
+        context = parallel_context(args.parallel)
         if args.shards:
             source = ShardSource(args.shards)
         else:
@@ -85,30 +151,41 @@ def run(args) -> int:
             texts = docstring_sentences(args.texts or 10**6, TRAINING_DOC_MODULES)
             layer = int(args.layer) if str(args.layer).isdigit() else args.layer
             source = harvest_model_activations(layer, model=load_default_model(device), texts=texts)
+        _check_disk_space(out, args.latents, source.d_model)
         if context.is_main:
             print(f"activations: {source.describe()}")
-        dead_after = args.dead_after_tokens or min(10_000_000, max(args.tokens // 10, 1))
         config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size,
                              grad_accumulation=args.grad_accumulation, lr=args.lr,
-                             dead_after_tokens=dead_after, precision=args.precision,
+                             dead_after_tokens=args.dead_after_tokens, precision=args.precision,
                              log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                             seed=args.seed, parallel=args.parallel, progress=not args.no_progress)
-        sae = build_sae(args.architecture, source.d_model, args.latents, args.k, parallel=args.parallel,
+                             seed=args.seed, nonfinite=args.nonfinite, progress=not args.no_progress)
+        sae = build_sae(args.architecture, source.d_model, args.latents, args.k, parallel=context.mode,
                         device=device, k_aux=args.k_aux, aux_alpha=args.aux_alpha, backend=args.backend,
                         seed=args.seed)
-        trainer = Trainer(sae, source, config, args.out, resume=args.resume, context=context)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"train-sae: error: {exc}", file=sys.stderr)
-        return 2
-    metrics = trainer.train()
+        trainer = Trainer(sae, source, config, out, resume=args.resume, allow_changes=args.allow_changes,
+                          context=context)
+    except (CommandError, CheckpointError, ValueError, FileNotFoundError, NonFiniteError) as exc:
+        return report(COMMAND, exc)
+    try:
+        already_done = trainer.step >= trainer.total_steps
+        metrics = trainer.train()
+    except NonFiniteError as exc:
+        print(f"pyinterp {COMMAND}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, folder removed or made read-only mid-run
+        print(f"pyinterp {COMMAND}: error: step {trainer.step}: writing to {out} failed: {exc}; the last "
+              f"committed checkpoint there is intact (--resume continues from it)", file=sys.stderr)
+        return 1
+    except dist.DistError as exc:
+        print(f"pyinterp {COMMAND}: error: rank {context.rank}, step {trainer.step}: a collective failed "
+              f"(another rank died?): {exc}; the last committed checkpoint in {out} is intact",
+              file=sys.stderr)
+        return 1
     if context.is_main:
-        print(f"done: step {metrics['step']}, {metrics['tokens']} tokens, FVU {metrics['fvu']:.4f}, "
-              f"L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.2%}, "
-              f"{metrics['tokens_per_s']:.0f} tokens/s; SAE saved in {args.out}")
-    if context.mode != "none":
-        # Every rank done before any tears the group down (a rank leaving early can abort gloo peers).
-        dist.barrier()
-        dist.destroy_process_group()
+        what = "already finished at" if already_done else "done:"
+        print(f"{what} step {trainer.step}, {trainer.step * trainer.tokens_per_step} tokens, "
+              f"{_describe(metrics)}, {trainer.skipped_steps} skipped steps; SAE saved in {out}")
+    context.close()
     return 0
 
 

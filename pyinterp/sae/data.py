@@ -6,6 +6,7 @@ A source is a table of token activations (tokens, d_model) with random row acces
 splitting micro-batches across ranks needs no saved iterator state."""
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -29,15 +30,35 @@ class ActivationSource:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def identity(self) -> dict:
+        """What a checkpoint records of its source (JSON): resuming on a source with another
+        identity is refused unless asked for."""
+        raise NotImplementedError
+
+    def shuffled(self, batch_size: int, seed: int):
+        """The stream of micro-batches a Trainer draws: anything with batch(i) -> (batch_size, d_model)."""
+        return ShuffledStream(self, batch_size, seed=seed)
+
 
 class TensorSource(ActivationSource):
-    def __init__(self, activations: torch.Tensor, description: str = "in-memory activations"):
+    """identity: how the activations were made (harvest_model_activations passes its recipe);
+    None: the SHA-256 of the values."""
+
+    def __init__(self, activations: torch.Tensor, description: str = "in-memory activations",
+                 identity: dict | None = None):
         if activations.dim() != 2 or activations.shape[0] == 0:
             raise ValueError(f"activations must be a non-empty (tokens, d_model) tensor, "
                              f"got shape {tuple(activations.shape)}")
         self.activations = activations.float().cpu()
         self.num_tokens, self.d_model = self.activations.shape
         self.description = description
+        self._identity = identity
+
+    def identity(self) -> dict:
+        if self._identity is None:
+            values = self.activations.contiguous().numpy()
+            self._identity = {"tensor_sha256": hashlib.sha256(values.data).hexdigest()}
+        return {"tokens": self.num_tokens, "d_model": self.d_model, **self._identity}
 
     def rows(self, token_indices: np.ndarray) -> torch.Tensor:
         return self.activations[torch.from_numpy(token_indices)]
@@ -103,6 +124,7 @@ class ShardSource(ActivationSource):
             raise ValueError(f"shards: files in {self.folder} disagree on d_model: "
                              + ", ".join(f"{p.name}: {a.shape[1]}" for p, a in zip(paths, self.shards)))
         self.paths = paths
+        self._identity: dict | None = None
         self.d_model = widths.pop()
         self.offsets = np.cumsum([0] + [array.shape[0] for array in self.shards])
         self.num_tokens = int(self.offsets[-1])
@@ -123,6 +145,25 @@ class ShardSource(ActivationSource):
             out[torch.from_numpy(order[selected])] = block.float()
         return out
 
+    def identity(self) -> dict:
+        """Each file's name, shape, dtype and size, and a hash of its first and last MiB (reading
+        every shard at each start would cost as much as an epoch); computed once."""
+        if self._identity is None:
+            self._identity = self._fingerprint()
+        return self._identity
+
+    def _fingerprint(self) -> dict:
+        digest = hashlib.sha256()
+        for path in self.paths:
+            with open(path, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+                handle.seek(max(path.stat().st_size - (1 << 20), 0))
+                digest.update(handle.read())
+        return {"tokens": self.num_tokens, "d_model": self.d_model,
+                "files": [[p.name, list(a.shape), str(a.dtype), p.stat().st_size]
+                          for p, a in zip(self.paths, self.shards)],
+                "sample_sha256": digest.hexdigest()}
+
     def describe(self) -> str:
         return f"{len(self.paths)} shards in {self.folder} ({self.num_tokens} tokens x {self.d_model})"
 
@@ -142,7 +183,11 @@ def harvest_model_activations(layer: int | str, *, model=None, tokenizer=None, t
     by_length = sorted(texts, key=len)
     activations = models.hooked_activations(model, by_length, layer, batch_size=batch_size, tokenizer=tokenizer)
     transformer, _ = models.transformer_and_tokenizer(model, tokenizer)
-    return TensorSource(activations, f"layer {layer} of {type(transformer).__name__} on {len(texts)} texts")
+    name = Path(str(getattr(getattr(transformer, "config", None), "_name_or_path", "") or "")).name
+    recipe = {"model": f"{type(transformer).__name__} {name}".strip(), "layer": layer, "texts": len(texts),
+              "texts_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest()}
+    return TensorSource(activations, f"layer {layer} of {type(transformer).__name__} on {len(texts)} texts",
+                        identity=recipe)
 
 
 class ShuffledStream:

@@ -3,13 +3,14 @@
 - "ddp": every rank holds the whole SAE and its own micro-batches; DistributedDataParallel averages
   the gradients.
 - "latents": every rank sees the same micro-batches and holds n_latents / R latents (rows of W_enc,
-  b_enc, W_dec; b_dec replicated). The exact distributed top-k of sae.md: local fused top-k, all-gather
+  b_enc, W_dec; b_dec replicated). The exact distributed top-k of docs/SAE_TRAINING.md: local fused top-k, all-gather
   the N x k candidates (values + global indices), top-k of the union; each rank decodes its own
   latents and the partial sums are all-reduced. The loss is then identical on every rank, and so is
   its gradient G; each rank's own latents get their exact gradients from G, and b_dec's encoder-side
   partial gradients are summed across ranks."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ PARALLEL_MODES = ("none", "ddp", "latents")
 
 @dataclass
 class ParallelContext:
+    """This process's place in the run, and every step of the trainer that depends on the mode
+    (identities for "none"), so the trainer never branches on it."""
     mode: str = "none"
     rank: int = 0
     world_size: int = 1
@@ -42,6 +45,58 @@ class ParallelContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def check_sae(self, sae: TopKSAE) -> None:
+        if (self.mode == "latents") != isinstance(sae, LatentShardedTopKSAE):
+            raise ValueError("parallel='latents' needs a LatentShardedTopKSAE (build_sae(..., "
+                             "parallel='latents')) and the other modes a whole SAE")
+
+    def wrap(self, sae: TopKSAE) -> torch.nn.Module:
+        """The module a step calls: DDP averages gradients over the data-parallel ranks."""
+        if self.mode != "ddp":
+            return sae
+        device = sae.W_enc.device
+        return torch.nn.parallel.DistributedDataParallel(
+            sae, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def accumulating(self, model: torch.nn.Module, last: bool):
+        """Around a micro-batch's backward: DDP reduces gradients on the last one only."""
+        return model.no_sync() if self.mode == "ddp" and not last else contextlib.nullcontext()
+
+    def gather_data(self, rows: Tensor) -> Tensor:
+        """Every data-parallel rank's rows, in rank order."""
+        return all_gather_rows(rows) if self.mode == "ddp" else rows
+
+    def sum_over_data_ranks(self, tensor: Tensor) -> Tensor:
+        return all_reduce_sum(tensor) if self.mode == "ddp" else tensor
+
+    def sum_over_latent_shards(self, tensor: Tensor) -> Tensor:
+        return all_reduce_sum(tensor) if self.mode == "latents" else tensor
+
+    def all_ranks_true(self, flag: Tensor) -> Tensor:
+        """A bool that holds on every rank (on the device: no host sync), so every rank skips the
+        same steps."""
+        if self.mode == "none":
+            return flag
+        agreed = flag.to(torch.int32)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        return agreed.bool()
+
+    def check_resume(self, saved_world_size: int) -> None:
+        if self.mode == "ddp" and saved_world_size != self.world_size:
+            raise ValueError(f"resume: {self.world_size} data-parallel ranks but the checkpoint was "
+                             f"written by {saved_world_size} (the data position depends on it)")
+
+    def barrier(self) -> None:
+        if self.mode != "none":
+            dist.barrier()
+
+    def close(self) -> None:
+        """Every rank done before any tears the group down (a rank leaving early can abort gloo
+        peers)."""
+        if self.mode != "none":
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def parallel_context(mode: str) -> ParallelContext:

@@ -4,37 +4,63 @@ from __future__ import annotations
 import argparse
 import time
 
+from pyinterp.cli import (CommandError, check_device, check_output_file, finite_float, nonnegative_int,
+                          positive_int, report)
+
 HELP = "factor random bound vectors with a resonator network, or measure its operational capacity"
 
 
+def _cap(text: str):
+    if text in ("kent", "ibm"):
+        return text
+    return positive_int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dim", type=int, default=1500, help="vector dimension D (default 1500)")
-    parser.add_argument("--factors", type=int, default=3, help="factors F (default 3)")
-    parser.add_argument("--codebook", type=int, default=60, help="codevectors M per factor (default 60)")
-    parser.add_argument("--problems", type=int, default=1024, help="problems B (default 1024)")
-    parser.add_argument("--max-iters", type=int, default=None,
+    parser.add_argument("--dim", type=positive_int, default=1500, help="vector dimension D (default 1500)")
+    parser.add_argument("--factors", type=positive_int, default=3, help="factors F (default 3)")
+    parser.add_argument("--codebook", type=positive_int, default=60, help="codevectors M per factor (default 60)")
+    parser.add_argument("--problems", type=positive_int, default=1024, help="problems B (default 1024)")
+    parser.add_argument("--max-iters", type=positive_int, default=None,
                         help="sweeps at most (default: the cap, 0.001 * M^F)")
     parser.add_argument("--update", choices=("sequential", "parallel"), default="sequential")
     parser.add_argument("--weights", choices=("op", "ols"), default="op")
     parser.add_argument("--activation", choices=("identity", "threshold", "topk", "attention"),
                         default="identity")
-    parser.add_argument("--beta", type=float, default=None, help="attention inverse temperature")
-    parser.add_argument("--threshold", type=float, default=None, help="threshold, a fraction of D")
-    parser.add_argument("--k", type=int, default=None, help="top-k similarities kept")
-    parser.add_argument("--noise", type=float, default=0.0, help="similarity noise sigma")
+    parser.add_argument("--beta", type=finite_float(0, inclusive=False), default=None,
+                        help="attention inverse temperature")
+    parser.add_argument("--threshold", type=finite_float(), default=None, help="threshold, a fraction of D")
+    parser.add_argument("--k", type=positive_int, default=None, help="top-k similarities kept")
+    parser.add_argument("--noise", type=finite_float(0), default=0.0, help="similarity noise sigma")
     parser.add_argument("--stop", choices=("fixed_point", "similarity"), default="fixed_point")
-    parser.add_argument("--theta", type=float, default=None, help="similarity stop, a fraction of D")
-    parser.add_argument("--detect-cycles", type=int, default=0, help="longest limit cycle looked for")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--theta", type=finite_float(), default=None, help="similarity stop, a fraction of D")
+    parser.add_argument("--detect-cycles", type=nonnegative_int, default=0, help="longest limit cycle looked for")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "cpu", "torch"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--capacity", action="store_true",
                         help="measure accuracy over --sizes instead of one batch")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=None,
                         help="M values for --capacity (default: 8 values from M/2 to 3M/2)")
-    parser.add_argument("--trials", type=int, default=1000, help="problems per M for --capacity")
-    parser.add_argument("--cap", default="kent", help="iteration cap for --capacity: kent, ibm or a number")
+    parser.add_argument("--trials", type=positive_int, default=1000, help="problems per M for --capacity")
+    parser.add_argument("--cap", type=_cap, default="kent",
+                        help="iteration cap for --capacity: kent, ibm or a number")
     parser.add_argument("--out", default=None, help="PNG path for the accuracy-vs-M plot (--capacity)")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """What argparse cannot check alone, before any problem is generated."""
+    if args.out is not None:
+        if not args.capacity:
+            raise CommandError("--out (the accuracy plot) only applies with --capacity")
+        check_output_file("--out", args.out, ".png")
+    if args.sizes is not None and not args.capacity:
+        raise CommandError("--sizes only applies with --capacity")
+    if args.capacity and args.max_iters is not None:
+        raise CommandError("--max-iters does not apply with --capacity (its cap comes from --cap)")
+    if args.k is not None and args.k > args.codebook and not args.capacity:
+        raise CommandError(f"--k {args.k} is more than --codebook {args.codebook}")
+    check_device(args.device)
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -69,6 +95,14 @@ def _plot(report, path: str, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        _check_arguments(args)
+        return _run(args)
+    except (CommandError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+        return report("factorize", exc)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
@@ -76,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from pyinterp.vsa.capacity import capacity, iteration_cap
     from pyinterp.vsa.vectors import random_codebooks, random_problems
 
-    cap = int(args.cap) if str(args.cap).isdigit() else args.cap
+    cap = args.cap
     options = _options(args)
     if args.capacity:
         sizes = args.sizes or sorted({max(2, round(args.codebook * (0.5 + i / 7))) for i in range(8)})
@@ -90,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
     codebooks = random_codebooks([args.codebook] * args.factors, args.dim, seed=args.seed,
                                  device=args.device)
     s, targets = random_problems(codebooks, args.problems, seed=args.seed + 1)
-    max_iters = args.max_iters or iteration_cap(cap, args.codebook, args.factors)
+    max_iters = iteration_cap(cap, args.codebook, args.factors) if args.max_iters is None else args.max_iters
     chunk = max(1, min(256, args.problems))
+    resonator(s[:1], codebooks, max_iters=1, backend=args.backend, **options)  # bad options fail here
     results = []
     start = time.perf_counter()
     with tqdm(total=args.problems, unit="problem") as bar:

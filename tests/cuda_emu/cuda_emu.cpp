@@ -60,6 +60,7 @@ struct Scheduler {
 Scheduler g_sched;
 cudaError_t g_last_error = cudaSuccess;
 std::map<const void*, int> g_dynamic_limit;
+std::map<const void*, size_t> g_static_bytes;  // the most static shared memory a block of the kernel used
 char g_launch_done;  // TSan: every thread releases here at exit, the host acquires after the grid
 std::string g_kernel_name;
 
@@ -329,7 +330,7 @@ cudaError_t check_launch(const char* name, const void* kernel, dim3 grid, dim3 b
   return cudaSuccess;
 }
 
-void run_grid(dim3 grid, dim3 block_dim, size_t smem, const std::function<void()>& body) {
+void run_grid(const void* kernel, dim3 grid, dim3 block_dim, size_t smem, const std::function<void()>& body) {
   g_grid = grid;
   g_block_dim = block_dim;
   g_sched.body = &body;
@@ -405,6 +406,7 @@ void run_grid(dim3 grid, dim3 block_dim, size_t smem, const std::function<void()
     for (Thread& th : thread) __tsan_destroy_fiber(th.tsan_fiber);
 #endif
     for (Block& b : blocks) {
+      g_static_bytes[kernel] = std::max(g_static_bytes[kernel], b.static_bytes);
       std::free(b.dynamic_smem);
       for (auto& kv : b.statics) std::free(kv.second);
     }
@@ -423,6 +425,14 @@ cudaError_t set_function_attribute(const void* kernel, cudaFuncAttribute attr, i
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || value > kOptinLimit) return cudaErrorInvalidValue;
   g_dynamic_limit[kernel] = value;
+  return cudaSuccess;
+}
+
+cudaError_t function_attributes(cudaFuncAttributes* out, const void* kernel) {
+  *out = cudaFuncAttributes{};
+  out->sharedSizeBytes = g_static_bytes[kernel];
+  auto it = g_dynamic_limit.find(kernel);
+  if (it != g_dynamic_limit.end()) out->maxDynamicSharedSizeBytes = it->second;
   return cudaSuccess;
 }
 

@@ -4,7 +4,7 @@
 #include "driver.h"
 #include "ij_accumulate.cuh"
 
-namespace kernels = pyinterp_cuda;
+namespace kernels = pyinterp::cuda;
 
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
@@ -22,8 +22,8 @@ int main(int argc, char** argv) {
   const void* delta = driver::device_array<unsigned char>(c, "delta");
   void* P = driver::device_array<unsigned char>(c, "P");
   void* Jbar = c.i("has_jbar") ? driver::device_array<unsigned char>(c, "Jbar") : nullptr;
-  driver::check(kernels::ij_accumulate_launch(grads, code, weights, delta, P, Jbar, K, rows, tokens, width, nullptr),
-                "ij_accumulate_launch");
+  driver::check(kernels::ij_accumulate(grads, code, weights, delta, P, Jbar, K, rows, tokens, width, nullptr),
+                "ij_accumulate");
   c.write("P", P, acc * rows);
   if (Jbar) c.write("Jbar", Jbar, acc * rows * width);
   return 0;

@@ -1,5 +1,5 @@
 // Harness driver for kernels/cuda/resonator.cu, doing what csrc/cuda/resonator.cpp does around the
-// kernels (pack, superposition, grid, history, counter). Params: batch dim sizes (comma list)
+// kernels (pack, superposition, codebook-size check, grid, history, counter). Params: batch dim sizes (comma list)
 // max_iters parallel activation (0 identity, 1 threshold, 2 topk) k threshold_units noise seed
 // stop_on_similarity theta_units detect_cycles has_known; grid overrides the kernel's own choice.
 // Arrays: s (batch, dim) int8, similarity / projection (sum M_f, dim) int8, known (batch, F) int32.
@@ -9,7 +9,7 @@
 #include "driver.h"
 #include "resonator.cuh"
 
-namespace kernels = pyinterp_cuda;
+namespace kernels = pyinterp::cuda;
 
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
@@ -38,12 +38,12 @@ int main(int argc, char** argv) {
   auto* sizes_device = static_cast<int32_t*>(driver::device_bytes(sizeof(int32_t) * factors, 0, sizes32.data()));
   const int32_t zero = 0;
   auto* counter = static_cast<int32_t*>(driver::device_bytes(sizeof(int32_t), 0, &zero));
-  driver::check(kernels::pack_sign_bits(s, batch, dim, words, composites, nullptr), "packing s");
-  driver::check(kernels::pack_sign_bits(similarity, total, dim, words, similarity_rows, nullptr), "packing similarity");
-  driver::check(kernels::pack_sign_bits(projection, total, dim, words, projection_rows, nullptr), "packing projection");
-  driver::check(kernels::superposition_bits(projection_rows, offsets_device, sizes_device, factors, dim, words,
+  driver::check(kernels::resonator_bits_pack_signs(s, batch, dim, words, composites, nullptr), "packing s");
+  driver::check(kernels::resonator_bits_pack_signs(similarity, total, dim, words, similarity_rows, nullptr), "packing similarity");
+  driver::check(kernels::resonator_bits_pack_signs(projection, total, dim, words, projection_rows, nullptr), "packing projection");
+  driver::check(kernels::resonator_bits_superpositions(projection_rows, offsets_device, sizes_device, factors, dim, words,
                                             superpositions, nullptr),
-                "superposition_bits");
+                "resonator_bits_superpositions");
   kernels::ResonatorBitsArgs a{};
   a.composites = composites;
   a.similarity_rows = similarity_rows;
@@ -73,9 +73,17 @@ int main(int argc, char** argv) {
   a.stop_on_similarity = c.i("stop_on_similarity") != 0;
   a.theta_units = c.i("theta_units");
   a.detect_cycles = static_cast<int32_t>(c.i("detect_cycles"));
-  const int32_t grid = c.has("grid") ? static_cast<int32_t>(c.i("grid")) : kernels::resonator_bits_grid(a, 0);
+  int64_t size_limit = 0;
+  driver::check(kernels::resonator_bits_max_codebook_size(a, 0, &size_limit), "resonator_bits_max_codebook_size");
+  if (largest > size_limit) {  // the glue refuses these codebooks with an error naming M_f
+    std::printf("codebook too large: M_f = %ld > %ld\n", long(largest), long(size_limit));
+    return 4;
+  }
+  int32_t grid = 0;
+  driver::check(kernels::resonator_bits_grid(a, 0, &grid), "resonator_bits_grid");  // also opts in to the shared memory
+  if (c.has("grid")) grid = static_cast<int32_t>(c.i("grid"));
   if (a.detect_cycles > 0) a.history = driver::device_empty<uint32_t>(int64_t(grid) * (a.detect_cycles + 1) * factors * words);
-  driver::check(kernels::launch_resonator_bits(a, grid, nullptr), "launch_resonator_bits");
+  driver::check(kernels::resonator_bits(a, grid, nullptr), "resonator_bits");
   std::printf("grid %d\n", grid);
   c.write("indices", a.indices, sizeof(int32_t) * batch * factors);
   c.write("iterations", a.iterations, sizeof(int32_t) * batch);

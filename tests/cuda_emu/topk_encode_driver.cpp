@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
       a.aux_indices = driver::device_empty<int32_t>(a.N * a.k_aux);
     }
     size_t bytes = 0;
-    driver::check(pyinterp::cuda::topk_encode_workspace_bytes(a, &bytes), "topk_encode_workspace_bytes");
+    driver::check(pyinterp::cuda::topk_encode_forward_workspace_bytes(a, &bytes), "topk_encode_forward_workspace_bytes");
     void* workspace = driver::device_bytes(bytes, 0);
     driver::check(pyinterp::cuda::topk_encode_forward(a, workspace, bytes, nullptr), "topk_encode_forward");
     c.write("values", a.values, sizeof(T) * a.N * a.k);

@@ -84,6 +84,12 @@ enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+// sharedSizeBytes: a kernel's static shared memory is only known here once it has run (its
+// __shared__ variables are allocated as reached), so this is the most any of its blocks used so far.
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes = 0;
+  int maxDynamicSharedSizeBytes = 48 << 10;
+};
 
 // ---- 16-bit floats (IEEE binary16 and bfloat16, round to nearest even) -------------------------
 struct __half {
@@ -212,7 +218,7 @@ struct IgnoreAccesses {
 
 // ---- launches ---------------------------------------------------------------------------------
 cudaError_t check_launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem);
-void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 void set_last_error(cudaError_t e);
 
 template <class... P, class... A>
@@ -224,7 +230,7 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_
     return;
   }
   const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // converted as CUDA does
-  run_grid(grid, block, smem, [&] {
+  run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] {
     std::tuple<std::decay_t<P>...> mine = params;  // each thread owns its copy of the parameters
     std::apply(kernel, mine);
   });
@@ -323,7 +329,12 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 namespace cuda_emu {
 cudaError_t set_function_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 cudaError_t occupancy(int* blocks, const void* kernel, int block_size, size_t smem);
+cudaError_t function_attributes(cudaFuncAttributes* out, const void* kernel);
 }  // namespace cuda_emu
+template <class F>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* out, F* kernel) {
+  return cuda_emu::function_attributes(out, reinterpret_cast<const void*>(kernel));
+}
 template <class F>
 cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   return cuda_emu::set_function_attribute(reinterpret_cast<const void*>(kernel), attr, value);
