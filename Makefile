@@ -37,6 +37,11 @@ compile-check:
 	cmake -S . -B build/compile-check -G Ninja -DPYINTERP_BUILD_CPU=OFF -DPYINTERP_BUILD_CUDA=ON
 	cmake --build build/compile-check --target cuda_compile_check -j $(MAX_JOBS)
 
+# Every kernels/cuda/*.cu executed on the CPU under ASan+UBSan and TSan (tests/cuda_emu), with the
+# slow sweep that `make test` leaves out; no GPU, no nvcc.
+cuda-emu: build
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_cuda_emu.py
+
 bench: build
 	$(PY) -m pytest -q -p no:cacheprovider benches --benchmark-only
 

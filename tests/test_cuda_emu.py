@@ -8,8 +8,9 @@ compiles the harness (cached by content hash under build/cuda_emu/). The CI subs
 `make test`; the full sweep is marked slow (`make cuda-emu` runs everything here)."""
 from __future__ import annotations
 
-import math
+import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,25 @@ SANITIZER = {"variant": "asan"}  # the build the case helpers run; the tsan fixt
 @pytest.fixture
 def tsan(monkeypatch):
     monkeypatch.setitem(SANITIZER, "variant", "tsan")
+
+
+# Which harness binary a test needs, from its name: (name fragment, kernel file or "selftest").
+_BINARIES = [("harness", "selftest"), ("ij_accumulate", "ij_accumulate"), ("resonator", "resonator"),
+             ("sparse", "sparse_decode"), ("topk", "topk_encode")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prebuilt(request):
+    """Builds the binaries the selected tests need in parallel (g++ runs take most of the CI time)."""
+    needed = set()
+    for item in request.session.items:
+        if item.module is not request.module:
+            continue
+        name = item.originalname
+        variant = "tsan" if "thread_sanitizer" in name else "asan"
+        needed |= {(kernel, variant) for fragment, kernel in _BINARIES if fragment in name}
+    with ThreadPoolExecutor(max_workers=max(1, min(len(needed), os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda kv: emu.build(*kv), sorted(needed)))
 
 
 def run_case(tmp_path: Path, kernel: str, params: dict, arrays: dict, *, variant: str | None = None,
