@@ -9,6 +9,8 @@
 
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
 template <typename in_t, typename acc_t>
@@ -47,7 +49,7 @@ void ij_accumulate_cpu(at::Tensor& P, const std::optional<at::Tensor>& Jbar, con
                        const at::Tensor& weights, const at::Tensor& delta) {
   TORCH_CHECK(grads.dim() == 4, "ij_accumulate_: grads must be (K, E, S, D), got ", grads.sizes());
   const int64_t K = grads.size(0), E = grads.size(1), S = grads.size(2), D = grads.size(3);
-  const auto acc = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = pyinterp::cpu::acc_dtype(grads.scalar_type());
   TORCH_CHECK(P.scalar_type() == acc, "ij_accumulate_: P must be ", acc, " for ", grads.scalar_type(),
               " grads, got ", P.scalar_type());
   TORCH_CHECK(P.sizes() == at::IntArrayRef({E, S}) && P.is_contiguous(),

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
 constexpr int kMaxLimbs = 8;  // signed base-256 digits of an int64
@@ -496,6 +498,7 @@ void solve_all(const std::vector<Codebook>& books, const Shape& shape, const Set
 }
 
 void check_int8_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t dim) {
+  pyinterp::cpu::check_cpu("resonator_bits", name, t);
   TORCH_CHECK(t.dtype() == at::kChar, "resonator_bits: ", name, " must be int8 (+-1), got ", t.dtype());
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == dim, "resonator_bits: ", name,
               " must have shape (", rows, ", ", dim, "), got ", t.sizes());
@@ -535,6 +538,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resonator
               "resonator_bits: k must be in [1, min M_f], got ", k);
   at::Tensor known_rows;
   if (known.has_value()) {
+    pyinterp::cpu::check_cpu("resonator_bits", "known", *known);
     known_rows = known->contiguous();
     TORCH_CHECK(known_rows.dtype() == at::kInt && known_rows.dim() == 2 && known_rows.size(0) == batch &&
                     known_rows.size(1) == factors,

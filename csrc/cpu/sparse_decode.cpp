@@ -15,10 +15,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+using namespace pyinterp::cpu;
 
 // Row `row` of width D as acc_t: the row itself when it already is acc_t, else widened into buf.
 template <typename acc_t, typename scalar_t>
@@ -328,54 +329,26 @@ void sparse_t_matmul_kernel(const at::Tensor& coef, const at::Tensor& indices, c
 // ---------------------------------------------------------------------------------------------------
 // argument checks and dispatch
 
-bool is_float_dtype(c10::ScalarType s) {
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
-}
-
-void check_matrix(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
-}
-
-void check_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name, " must be float32, float16, bfloat16 ",
-              "or float64, got ", t.scalar_type());
-}
-
 // indices must be an (N, k) int32/int64 matrix with the shape of `like`.
-void check_indices(const at::Tensor& indices, const at::Tensor& like, const char* op,
-                   const char* like_name) {
-  check_matrix(indices, op, "indices");
-  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
-              ": indices must be int32 or int64, got ", indices.scalar_type());
+void check_indices(const char* op, const at::Tensor& indices, const char* like_name, const at::Tensor& like) {
+  check_matrix(op, "indices", indices);
+  check_index_dtype(op, "indices", indices);
   TORCH_CHECK(indices.sizes() == like.sizes(), op, ": indices must have the shape of ", like_name,
               " ", like.sizes(), ", got ", indices.sizes());
-}
-
-void check_same_dtype(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
-                      const char* like_name) {
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but ", like_name, " has ", like.scalar_type(), "; they must match");
-}
-
-at::ScalarType acc_dtype(c10::ScalarType s) {
-  return s == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 at::Tensor gather_sum_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias) {
   const char* op = "gather_sum";
-  check_matrix(values, op, "values");
-  check_float(values, op, "values");
-  check_indices(indices, values, op, "values");
-  check_matrix(weight, op, "weight");
-  check_same_dtype(weight, values, op, "weight", "values");
+  check_matrix(op, "values", values);
+  check_float(op, "values", values);
+  check_indices(op, indices, "values", values);
+  check_matrix(op, "weight", weight);
+  check_same_dtype(op, "weight", weight, "values", values);
   const int64_t D = weight.size(1);
   if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got ", bias->device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == D, op, ": bias must have shape (D,) = (", D,
-                ",) with D = weight.size(1), got ", bias->sizes());
-    check_float(*bias, op, "bias");
+    check_vector(op, "bias", *bias, D, "D = weight.size(1)");
+    check_float(op, "bias", *bias);
   }
   at::Tensor out = at::empty({values.size(0), D}, values.options());
   if (out.numel() == 0) return out;
@@ -397,15 +370,14 @@ at::Tensor gather_sum_cpu(const at::Tensor& values, const at::Tensor& indices, c
 
 at::Tensor gather_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& weight) {
   const char* op = "gather_dot";
-  check_matrix(grad, op, "grad");
-  check_float(grad, op, "grad");
-  check_matrix(indices, op, "indices");
-  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
-              ": indices must be int32 or int64, got ", indices.scalar_type());
+  check_matrix(op, "grad", grad);
+  check_float(op, "grad", grad);
+  check_matrix(op, "indices", indices);
+  check_index_dtype(op, "indices", indices);
   TORCH_CHECK(indices.size(0) == grad.size(0), op, ": indices must have one row per row of grad (",
               grad.size(0), "), got shape ", indices.sizes());
-  check_matrix(weight, op, "weight");
-  check_same_dtype(weight, grad, op, "weight", "grad");
+  check_matrix(op, "weight", weight);
+  check_same_dtype(op, "weight", weight, "grad", grad);
   TORCH_CHECK(weight.size(1) == grad.size(1), op, ": weight must be (M, D) with D = grad.size(1) = ",
               grad.size(1), ", got shape ", weight.sizes());
   at::Tensor out = at::empty({grad.size(0), indices.size(1)}, grad.options());
@@ -424,11 +396,11 @@ at::Tensor gather_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, con
 std::tuple<at::Tensor, at::Tensor> sparse_t_matmul_cpu(const at::Tensor& coef, const at::Tensor& indices,
                                                        const at::Tensor& rows, int64_t num_latents) {
   const char* op = "sparse_t_matmul";
-  check_matrix(coef, op, "coef");
-  check_float(coef, op, "coef");
-  check_indices(indices, coef, op, "coef");
-  check_matrix(rows, op, "rows");
-  check_float(rows, op, "rows");
+  check_matrix(op, "coef", coef);
+  check_float(op, "coef", coef);
+  check_indices(op, indices, "coef", coef);
+  check_matrix(op, "rows", rows);
+  check_float(op, "rows", rows);
   TORCH_CHECK(rows.size(0) == coef.size(0), op, ": rows must have one row per row of coef (",
               coef.size(0), "), got shape ", rows.sizes());
   TORCH_CHECK(num_latents >= 0, op, ": num_latents must be >= 0, got ", num_latents);

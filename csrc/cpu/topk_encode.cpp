@@ -14,7 +14,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
+
+using namespace pyinterp::cpu;
 
 // Tuned on 2 cores at N=4096, D=384, M=16384, k=32 (fp32): a 128 x 2048 fp32 tile is 1 MiB, it stays
 // in L2 between the GEMM that writes it and the top-k scan that reads it.
@@ -294,59 +298,36 @@ void encode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b_enc,
   });
 }
 
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "topk_encode_forward: ", name, " must be a CPU tensor, got ",
-              t.device());
-}
-
-bool is_float_dtype(c10::ScalarType s) {
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_forward_cpu(
     const at::Tensor& x, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
     const c10::optional<at::Tensor>& b_dec, int64_t k, const c10::optional<at::Tensor>& dead_mask,
     int64_t k_aux) {
-  check_cpu(x, "x");
-  check_cpu(W_enc, "W_enc");
-  TORCH_CHECK(x.dim() == 2, "topk_encode_forward: x must be 2-D (N, D), got shape ", x.sizes());
-  TORCH_CHECK(W_enc.dim() == 2, "topk_encode_forward: W_enc must be 2-D (M, D), got shape ",
-              W_enc.sizes());
-  TORCH_CHECK(is_float_dtype(x.scalar_type()), "topk_encode_forward: x must be float32, float16, ",
-              "bfloat16 or float64, got ", x.scalar_type());
-  TORCH_CHECK(is_float_dtype(W_enc.scalar_type()), "topk_encode_forward: W_enc must be float32, ",
-              "float16, bfloat16 or float64, got ", W_enc.scalar_type());
+  const char* op = "topk_encode_forward";
+  check_matrix(op, "x", x);
+  check_matrix(op, "W_enc", W_enc);
+  check_float(op, "x", x);
+  check_float(op, "W_enc", W_enc);
   const int64_t N = x.size(0), D = x.size(1), M = W_enc.size(0);
-  TORCH_CHECK(W_enc.size(1) == D, "topk_encode_forward: W_enc must be (M, D) with D = x.size(1) = ",
-              D, ", got shape ", W_enc.sizes());
-  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(),
-              "topk_encode_forward: at most 2^31 - 1 latents (int32 indices), W_enc has ", M);
-  TORCH_CHECK(k >= 1 && k <= M, "topk_encode_forward: k must be in [1, M = ", M, "], got ", k);
-  TORCH_CHECK(k_aux >= 0 && k_aux <= M, "topk_encode_forward: k_aux must be in [0, M = ", M,
-              "], got ", k_aux);
+  TORCH_CHECK(W_enc.size(1) == D, op, ": W_enc must be (M, D) with D = x.size(1) = ", D, ", got shape ",
+              W_enc.sizes());
+  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(), op,
+              ": at most 2^31 - 1 latents (int32 indices), W_enc has ", M);
+  TORCH_CHECK(k >= 1 && k <= M, op, ": k must be in [1, M = ", M, "], got ", k);
+  TORCH_CHECK(k_aux >= 0 && k_aux <= M, op, ": k_aux must be in [0, M = ", M, "], got ", k_aux);
   if (b_enc.has_value()) {
-    check_cpu(*b_enc, "b_enc");
-    TORCH_CHECK(b_enc->dim() == 1 && b_enc->size(0) == M, "topk_encode_forward: b_enc must have ",
-                "shape (M,) = (", M, ",), got ", b_enc->sizes());
-    TORCH_CHECK(is_float_dtype(b_enc->scalar_type()), "topk_encode_forward: b_enc must be a ",
-                "floating tensor, got ", b_enc->scalar_type());
+    check_vector(op, "b_enc", *b_enc, M, "M = W_enc.size(0)");
+    check_float(op, "b_enc", *b_enc);
   }
   if (b_dec.has_value()) {
-    check_cpu(*b_dec, "b_dec");
-    TORCH_CHECK(b_dec->dim() == 1 && b_dec->size(0) == D, "topk_encode_forward: b_dec must have ",
-                "shape (D,) = (", D, ",), got ", b_dec->sizes());
-    TORCH_CHECK(is_float_dtype(b_dec->scalar_type()), "topk_encode_forward: b_dec must be a ",
-                "floating tensor, got ", b_dec->scalar_type());
+    check_vector(op, "b_dec", *b_dec, D, "D = x.size(1)");
+    check_float(op, "b_dec", *b_dec);
   }
   if (dead_mask.has_value()) {
-    check_cpu(*dead_mask, "dead_mask");
-    TORCH_CHECK(dead_mask->scalar_type() == at::kBool, "topk_encode_forward: dead_mask must be ",
-                "bool, got ", dead_mask->scalar_type());
-    TORCH_CHECK(dead_mask->dim() == 1 && dead_mask->size(0) == M, "topk_encode_forward: ",
-                "dead_mask must have shape (M,) = (", M, ",), got ", dead_mask->sizes());
+    check_vector(op, "dead_mask", *dead_mask, M, "M = W_enc.size(0)");
+    TORCH_CHECK(dead_mask->scalar_type() == at::kBool, op, ": dead_mask must be bool, got ",
+                dead_mask->scalar_type());
   }
-  TORCH_CHECK(k_aux == 0 || dead_mask.has_value(), "topk_encode_forward: k_aux = ", k_aux,
-              " needs dead_mask");
+  TORCH_CHECK(k_aux == 0 || dead_mask.has_value(), op, ": k_aux = ", k_aux, " needs dead_mask");
 
   at::Tensor values = at::empty({N, k}, x.options());
   at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kInt));
@@ -367,19 +348,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_forward_c
     }
   }
 
-  // fp32 for fp32/fp16/bf16 inputs, float64 for float64 (gradcheck).
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(x.scalar_type());
   // Converted once (no-ops when already contiguous in the compute dtype), not per tile. Detached:
   // the worker threads run with grad mode on, and ATen's out= ops refuse inputs that require grad.
   const at::Tensor xc = x.detach().contiguous();
-  const at::Tensor W = W_enc.detach().to(acc_type).contiguous();
-  const at::Tensor bias = b_enc.has_value() ? b_enc->detach().to(acc_type).contiguous()
-                                            : at::zeros({M}, x.options().dtype(acc_type));
+  const at::Tensor W = W_enc.detach().to(acc).contiguous();
+  const at::Tensor bias = b_enc.has_value() ? b_enc->detach().to(acc).contiguous()
+                                            : at::zeros({M}, x.options().dtype(acc));
   c10::optional<at::Tensor> center;
-  if (b_dec.has_value()) center = b_dec->detach().to(acc_type).contiguous();
+  if (b_dec.has_value()) center = b_dec->detach().to(acc).contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_encode_forward", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type<scalar_t>;
     encode<scalar_t, acc_t>(xc, W, bias, center, k, dead, live_fill, k_aux, values, indices,
                             aux_values, aux_indices);
   });

@@ -1,5 +1,6 @@
-// Helpers shared by the CUDA glue (csrc/cuda/*.cpp), on LibTorch's stable ABI only: argument checks
+// The one header of the CUDA glue (csrc/cuda/*.cpp), on LibTorch's stable ABI only: argument checks
 // whose errors name the op and the argument, dtype dispatch, CUDA error checks, the current stream.
+// Every glue file uses these; none defines its own stream getter or CUDA error check.
 #pragma once
 
 #include <dlfcn.h>
@@ -47,8 +48,11 @@ inline cudaStream_t current_stream(int32_t device) {
   return static_cast<cudaStream_t>(stream);
 }
 
-inline void check_cuda(cudaError_t err, const char* op) {
-  STD_TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+// `step` names what failed when an op makes several CUDA calls (e.g. "packing s").
+inline void check_cuda(cudaError_t err, const char* op, const char* step = nullptr) {
+  if (err == cudaSuccess) return;
+  if (step) STD_TORCH_CHECK(false, op, ": ", step, ": CUDA error: ", cudaGetErrorString(err));
+  STD_TORCH_CHECK(false, op, ": CUDA error: ", cudaGetErrorString(err));
 }
 
 inline void check_tensor(const char* op, const char* name, const Tensor& t, int64_t dim,
@@ -59,6 +63,10 @@ inline void check_tensor(const char* op, const char* name, const Tensor& t, int6
     STD_TORCH_CHECK(t.get_device_index() == same_device_as->get_device_index(), op, ": ", name,
                     " is on cuda:", t.get_device_index(), " but the other inputs are on cuda:",
                     same_device_as->get_device_index());
+}
+
+inline void check_contiguous(const char* op, const char* name, const Tensor& t) {
+  STD_TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 inline void check_dtype(const char* op, const char* name, const Tensor& t, ScalarType expected) {

@@ -74,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_encode_forward_cuda(
     args.k = k;
     args.k_aux = k_aux;
     size_t bytes = 0;
-    check_cuda(pyinterp::cuda::topk_encode_workspace_bytes(args, &bytes), op);
+    check_cuda(pyinterp::cuda::topk_encode_forward_workspace_bytes(args, &bytes), op);
     Tensor scratch = workspace(x, bytes);
     check_cuda(pyinterp::cuda::topk_encode_forward(args, scratch.mutable_data_ptr(), bytes, stream), op);
   });

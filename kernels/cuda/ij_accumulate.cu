@@ -8,7 +8,7 @@
 
 #include "ij_accumulate.cuh"
 
-namespace pyinterp_cuda {
+namespace pyinterp::cuda {
 namespace {
 
 constexpr int kWarpSize = 32;
@@ -68,9 +68,9 @@ cudaError_t launch(const void* grads, const void* weights, const void* delta, vo
 
 }  // namespace
 
-cudaError_t ij_accumulate_launch(const void* grads, GradDtype grads_dtype, const void* weights,
-                                 const void* delta, void* P, void* Jbar, int64_t num_nodes,
-                                 int64_t rows, int64_t tokens, int64_t width, cudaStream_t stream) {
+cudaError_t ij_accumulate(const void* grads, GradDtype grads_dtype, const void* weights,
+                          const void* delta, void* P, void* Jbar, int64_t num_nodes, int64_t rows,
+                          int64_t tokens, int64_t width, cudaStream_t stream) {
   if (rows == 0 || num_nodes == 0) {
     return cudaSuccess;
   }
@@ -90,4 +90,4 @@ cudaError_t ij_accumulate_launch(const void* grads, GradDtype grads_dtype, const
   return cudaErrorInvalidValue;
 }
 
-}  // namespace pyinterp_cuda
+}  // namespace pyinterp::cuda

@@ -10,12 +10,12 @@
 
 #include <cstdint>
 
-namespace pyinterp_cuda {
+namespace pyinterp::cuda {
 
 enum class GradDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-cudaError_t ij_accumulate_launch(const void* grads, GradDtype grads_dtype, const void* weights,
-                                 const void* delta, void* P, void* Jbar, int64_t num_nodes,
-                                 int64_t rows, int64_t tokens, int64_t width, cudaStream_t stream);
+cudaError_t ij_accumulate(const void* grads, GradDtype grads_dtype, const void* weights,
+                          const void* delta, void* P, void* Jbar, int64_t num_nodes, int64_t rows,
+                          int64_t tokens, int64_t width, cudaStream_t stream);
 
-}  // namespace pyinterp_cuda
+}  // namespace pyinterp::cuda

@@ -7,7 +7,9 @@
 
 #include <algorithm>
 
-namespace pyinterp_cuda {
+#include "common.cuh"
+
+namespace pyinterp::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -71,10 +73,12 @@ struct SharedLayout {
   int32_t* nonzero;        // [max_size], the codevectors with a nonzero weight
 };
 
+constexpr size_t kSharedBytesPerLatent = 8 + 4 + 4;  // weights, similarity, nonzero
+
 __host__ __device__ inline size_t shared_bytes(const ResonatorBitsArgs& a) {
   const size_t words = static_cast<size_t>(a.factors + 2) * a.words * 4;
   const size_t aligned = (words + 7) / 8 * 8;
-  return aligned + static_cast<size_t>(a.max_size) * (8 + 4 + 4);
+  return aligned + static_cast<size_t>(a.max_size) * kSharedBytesPerLatent;
 }
 
 __device__ SharedLayout carve(const ResonatorBitsArgs& a, unsigned char* base) {
@@ -221,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) resonator_bits_kernel(const Resonato
           }
           const uint32_t fresh = __ballot_sync(kFullMask, p < 0) & valid_bits(a.dim, w);
           if (lane == 0) {
-            if (fresh != estimate[w]) changed = 1;
+            if (fresh != estimate[w]) atomicOr(&changed, 1);  // warps race here: plain stores would be a data race
             estimate[w] = fresh;
             if (!a.parallel) s.running[w] = s.unbound[w] ^ fresh;
           }
@@ -289,45 +293,67 @@ __global__ void __launch_bounds__(kThreads) resonator_bits_kernel(const Resonato
   }
 }
 
+// Dynamic shared memory is the opt-in maximum per block less the kernel's static shared memory.
 template <typename Acc>
-int32_t grid_for(const ResonatorBitsArgs& args, int device) {
+cudaError_t max_codebook_size(const ResonatorBitsArgs& args, int device, int64_t* size) {
+  int optin = 0;
+  PI_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes{};
+  PI_TRY(cudaFuncGetAttributes(&attributes, resonator_bits_kernel<Acc>));
+  ResonatorBitsArgs without_codebooks = args;
+  without_codebooks.max_size = 0;
+  const int64_t left = int64_t{optin} - static_cast<int64_t>(attributes.sharedSizeBytes) -
+                       static_cast<int64_t>(shared_bytes(without_codebooks));
+  *size = std::max<int64_t>(left, 0) / static_cast<int64_t>(kSharedBytesPerLatent);
+  return cudaSuccess;
+}
+
+template <typename Acc>
+cudaError_t grid_for(const ResonatorBitsArgs& args, int device, int32_t* grid) {
   int sms = 0, per_sm = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
+  PI_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const size_t bytes = shared_bytes(args);
   if (bytes > 48 * 1024)
-    cudaFuncSetAttribute(resonator_bits_kernel<Acc>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, resonator_bits_kernel<Acc>, kThreads, bytes) != cudaSuccess)
-    per_sm = 1;
+    PI_TRY(cudaFuncSetAttribute(resonator_bits_kernel<Acc>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(bytes)));
+  PI_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, resonator_bits_kernel<Acc>, kThreads, bytes));
   const int64_t blocks = std::min<int64_t>(args.batch, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
-  return static_cast<int32_t>(std::max<int64_t>(blocks, 1));
+  *grid = static_cast<int32_t>(std::max<int64_t>(blocks, 1));
+  return cudaSuccess;
 }
 
 }  // namespace
 
-cudaError_t pack_sign_bits(const int8_t* values, int64_t rows, int32_t dim, int32_t words, uint32_t* out,
-                           cudaStream_t stream) {
+cudaError_t resonator_bits_pack_signs(const int8_t* values, int64_t rows, int32_t dim, int32_t words,
+                                      uint32_t* out, cudaStream_t stream) {
   const int64_t total = rows * words;
   if (total == 0) return cudaSuccess;
   pack_sign_bits_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(values, rows, dim, words, out);
   return cudaGetLastError();
 }
 
-cudaError_t superposition_bits(const uint32_t* projection_rows, const int32_t* offsets, const int32_t* sizes,
-                               int32_t factors, int32_t dim, int32_t words, uint32_t* out, cudaStream_t stream) {
+cudaError_t resonator_bits_superpositions(const uint32_t* projection_rows, const int32_t* offsets,
+                                          const int32_t* sizes, int32_t factors, int32_t dim, int32_t words,
+                                          uint32_t* out, cudaStream_t stream) {
   const int64_t threads = static_cast<int64_t>(factors) * words * 32;
   superposition_bits_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
       projection_rows, offsets, sizes, factors, dim, words, out);
   return cudaGetLastError();
 }
 
-int32_t resonator_bits_grid(const ResonatorBitsArgs& args, int device) {
-  return args.noise > 0 ? grid_for<int64_t>(args, device) : grid_for<int32_t>(args, device);
+// int32 sums are exact while M_f * D < 2^31 (the glue checks it); noise needs int64.
+cudaError_t resonator_bits_max_codebook_size(const ResonatorBitsArgs& args, int device, int64_t* size) {
+  return args.noise > 0 ? max_codebook_size<int64_t>(args, device, size)
+                        : max_codebook_size<int32_t>(args, device, size);
 }
 
-cudaError_t launch_resonator_bits(const ResonatorBitsArgs& args, int32_t grid, cudaStream_t stream) {
+cudaError_t resonator_bits_grid(const ResonatorBitsArgs& args, int device, int32_t* grid) {
+  return args.noise > 0 ? grid_for<int64_t>(args, device, grid) : grid_for<int32_t>(args, device, grid);
+}
+
+cudaError_t resonator_bits(const ResonatorBitsArgs& args, int32_t grid, cudaStream_t stream) {
   if (args.batch == 0) return cudaSuccess;
   const size_t bytes = shared_bytes(args);
-  // int32 sums are exact while M_f * D < 2^31 (the glue checks it); noise needs int64.
   if (args.noise > 0)
     resonator_bits_kernel<int64_t><<<grid, kThreads, bytes, stream>>>(args);
   else
@@ -335,4 +361,4 @@ cudaError_t launch_resonator_bits(const ResonatorBitsArgs& args, int32_t grid, c
   return cudaGetLastError();
 }
 
-}  // namespace pyinterp_cuda
+}  // namespace pyinterp::cuda

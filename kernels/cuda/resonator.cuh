@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-namespace pyinterp_cuda {
+namespace pyinterp::cuda {
 
 enum class ResonatorActivation : int32_t { identity = 0, threshold = 1, topk = 2 };
 
@@ -42,16 +42,22 @@ struct ResonatorBitsArgs {
 };
 
 // out[r][w] = packed signs of the int8 rows (values are read by sign; the caller passes +-1).
-cudaError_t pack_sign_bits(const int8_t* values, int64_t rows, int32_t dim, int32_t words, uint32_t* out,
-                           cudaStream_t stream);
+cudaError_t resonator_bits_pack_signs(const int8_t* values, int64_t rows, int32_t dim, int32_t words,
+                                      uint32_t* out, cudaStream_t stream);
 
 // out[f][w] = packed sgn(sum_m X_f[m]) with ties to +1, from the packed projection rows.
-cudaError_t superposition_bits(const uint32_t* projection_rows, const int32_t* offsets, const int32_t* sizes,
-                               int32_t factors, int32_t dim, int32_t words, uint32_t* out, cudaStream_t stream);
+cudaError_t resonator_bits_superpositions(const uint32_t* projection_rows, const int32_t* offsets,
+                                          const int32_t* sizes, int32_t factors, int32_t dim, int32_t words,
+                                          uint32_t* out, cudaStream_t stream);
+
+// The largest max M_f the kernel runs on `device` for args.factors, args.words and args.noise: a block
+// keeps one problem's whole state (per-codevector similarities and weights) in shared memory.
+cudaError_t resonator_bits_max_codebook_size(const ResonatorBitsArgs& args, int device, int64_t* size);
 
 // Blocks the persistent kernel runs on `device` for these arguments (needed to size args.history).
-int32_t resonator_bits_grid(const ResonatorBitsArgs& args, int device);
+// It also opts the kernel in to the shared memory args need, so resonator_bits must come after it.
+cudaError_t resonator_bits_grid(const ResonatorBitsArgs& args, int device, int32_t* grid);
 
-cudaError_t launch_resonator_bits(const ResonatorBitsArgs& args, int32_t grid, cudaStream_t stream);
+cudaError_t resonator_bits(const ResonatorBitsArgs& args, int32_t grid, cudaStream_t stream);
 
-}  // namespace pyinterp_cuda
+}  // namespace pyinterp::cuda

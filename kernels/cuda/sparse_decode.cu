@@ -16,23 +16,11 @@
 namespace pyinterp::cuda {
 namespace {
 
-using detail::ceil_div;
-using detail::from_float;
-using detail::load_as_float;
-using detail::store_from_float;
-using detail::to_float;
+using namespace detail;  // common.cuh
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xFFFFFFFFu;
-
-#define PI_TRY(expr)                            \
-  do {                                          \
-    const cudaError_t pi_err_ = (expr);         \
-    if (pi_err_ != cudaSuccess) return pi_err_; \
-  } while (0)
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ------------------------------------------------------------------------------------------------
 // gather_sum: one warp per output row. A lane owns kSumGroup 16-byte column chunks at a time and
@@ -294,7 +282,8 @@ __global__ void __launch_bounds__(kThreads) chunk_reduce_kernel(const ChunkArgs<
   if (p0 >= valid) return;
   const int64_t p1 = p0 + a.chunk < valid ? p0 + a.chunk : valid;
   const int64_t nvec = a.D / VEC;
-  for (int64_t v0 = 0; v0 < nvec; v0 += int64_t(kChunkVecsPerThread) * blockDim.x) {
+  // At least one pass: coef_sum is flushed with the first column pass, and D = 0 has no columns.
+  for (int64_t v0 = 0; v0 == 0 || v0 < nvec; v0 += int64_t(kChunkVecsPerThread) * blockDim.x) {
     float acc[kChunkVecsPerThread][VEC];
 #pragma unroll
     for (int u = 0; u < kChunkVecsPerThread; ++u)
@@ -394,12 +383,6 @@ struct StmPlan {
   size_t off_keys = 0, off_keys_sorted = 0, off_pos = 0, off_pos_sorted = 0, off_seg = 0;
   size_t off_partial = 0, off_partial_coef = 0, off_cub = 0, total = 0;
 };
-
-size_t carve(size_t& cursor, size_t bytes) {
-  const size_t off = (cursor + 255) / 256 * 256;
-  cursor = off + bytes;
-  return off;
-}
 
 cudaError_t make_stm_plan(int64_t N, int64_t k, int64_t M, int64_t D, StmPlan& p) {
   if (N < 0 || k < 0 || M < 1 || M > INT32_MAX || D < 0) return cudaErrorInvalidValue;

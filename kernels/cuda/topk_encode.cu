@@ -1,6 +1,7 @@
 // Fused top-k SAE encoder (contract in topk_encode.cuh).
 //
-// Fast path (k <= 256, and k_aux <= 128 when AuxK is on): one kernel computes z tile by tile on the
+// Fast path (k <= 256 without AuxK; k <= 128 and k_aux <= 128 with AuxK, whose two per-row states
+// leave no fused config above 128 in kFusedConfigs): one kernel computes z tile by tile on the
 // tensor cores (mma.sync m16n8k16, fp32 accumulators; fp32 inputs take a SIMT FFMA path so that they
 // stay exact fp32) and folds every tile into a per-row running top-k held in shared memory. Each CTA
 // owns BM rows and one contiguous range of latents (a "split"); it writes its sorted top-k candidates,
@@ -27,9 +28,7 @@
 namespace pyinterp::cuda {
 namespace {
 
-using detail::ceil_div;
-using detail::from_float;
-using detail::to_float;
+using namespace detail;  // common.cuh
 
 // ------------------------------------------------------------------------------------------------
 // Keys
@@ -100,48 +99,6 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
 // min(left, cap) for the rows/latents a tile still covers.
 __device__ __forceinline__ int clamp_count(int64_t left, int cap) {
   return left < cap ? static_cast<int>(left) : cap;
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global->shared copy; src_bytes = 0 writes zeros (PTX ISA, cp.async: src-size).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// D += A * B for one m16n8k16 tile, fp32 accumulators (PTX ISA, "mma.m16n8k16" fragments).
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
 }
 
 // Issues the copies of k-slice [k0, k0 + 64 bytes) of the X rows and W rows of one tile.
@@ -584,8 +541,9 @@ __global__ void center_pad_kernel(const T* __restrict__ in, const T* __restrict_
 }
 
 // zbias[m] = b_enc[m] - <b_dec, W[m]> in fp32 (one warp per latent): for 16-bit inputs b_dec is folded
-// into the bias instead of rounding x - b_dec to 16 bits, so z matches the fp32 reference
-// ((x - b_dec) W^T = x W^T - b_dec W^T with exact 16-bit operands). One extra read of W_enc.
+// into the bias instead of rounding x - b_dec to 16 bits, so z matches the fp32 reference up to the
+// rounding bound in topk_encode.cuh ((x - b_dec) W^T = x W^T - b_dec W^T, exactly so for exact data;
+// tests/test_cuda_emu.py::test_topk_large_b_dec_contract). One extra read of W_enc.
 template <typename T, int VEC>
 __global__ void zbias_kernel(const T* __restrict__ W, const T* __restrict__ b_enc,
                              const T* __restrict__ b_dec, int64_t M, int64_t D,
@@ -742,12 +700,6 @@ __global__ void decode_kernel(const uint64_t* __restrict__ keys, int64_t count, 
 // ------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------
-#define PI_TRY(expr)                              \
-  do {                                            \
-    const cudaError_t pi_err_ = (expr);           \
-    if (pi_err_ != cudaSuccess) return pi_err_;   \
-  } while (0)
-
 constexpr int64_t kMergeMaxKeys = 2048;             // splits * kc, the merge kernel's list budget
 constexpr int64_t kGeneralZBytes = int64_t(256) << 20;  // z chunk of the general path
 constexpr int kElementwiseBlocks = 1024;
@@ -791,14 +743,6 @@ struct Plan {
   size_t total = 0;
 };
 
-bool misaligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; }
-
-size_t carve(size_t& cursor, size_t bytes) {
-  const size_t off = (cursor + 255) / 256 * 256;
-  cursor = off + bytes;
-  return off;
-}
-
 cudaError_t sort_bytes(int64_t rows, int64_t k, size_t* bytes) {
   *bytes = 0;
   if (rows == 0 || k == 0) return cudaSuccess;
@@ -822,8 +766,8 @@ cudaError_t make_plan(const TopkEncodeArgs<T>& a, Plan& p) {
 
   // cp.async moves 16 bytes: rows must start 16-byte aligned, else the operands get a padded copy.
   p.ld = ceil_div(a.D, kVec) * kVec;
-  p.copy_x = p.ld != a.D || misaligned16(a.x) || (kFloat && a.b_dec);
-  p.copy_w = p.ld != a.D || misaligned16(a.W_enc);
+  p.copy_x = p.ld != a.D || !aligned16(a.x) || (kFloat && a.b_dec);
+  p.copy_w = p.ld != a.D || !aligned16(a.W_enc);
   p.zbias_pass = !kFloat && (a.b_enc || a.b_dec);
 
   size_t cursor = 0;
@@ -995,7 +939,7 @@ cudaError_t run_general(const TopkEncodeArgs<T>& a, const Plan& p, const T* X, c
 }  // namespace
 
 template <typename T>
-cudaError_t topk_encode_workspace_bytes(const TopkEncodeArgs<T>& args, size_t* bytes) {
+cudaError_t topk_encode_forward_workspace_bytes(const TopkEncodeArgs<T>& args, size_t* bytes) {
   Plan p;
   PI_TRY(make_plan(args, p));
   *bytes = p.total;
@@ -1036,7 +980,7 @@ cudaError_t topk_encode_forward(const TopkEncodeArgs<T>& a, void* workspace, siz
     float* zb = reinterpret_cast<float*>(ws + p.off_zbias);
     constexpr int kVec = detail::kVec16<T>;
     const unsigned grid = static_cast<unsigned>(ceil_div(a.M, kWarps));
-    if (a.D % kVec == 0 && !misaligned16(a.W_enc) && !misaligned16(a.b_dec))
+    if (a.D % kVec == 0 && !!aligned16(a.W_enc) && !!aligned16(a.b_dec))
       zbias_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(a.W_enc, a.b_enc, a.b_dec, a.M, a.D, zb);
     else
       zbias_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a.W_enc, a.b_enc, a.b_dec, a.M, a.D, zb);
@@ -1046,8 +990,8 @@ cudaError_t topk_encode_forward(const TopkEncodeArgs<T>& a, void* workspace, siz
   return p.fused ? run_fused(a, p, X, W, zbias, ws, stream) : run_general(a, p, X, W, zbias, ws, stream);
 }
 
-#define PI_INSTANTIATE(T)                                                                     \
-  template cudaError_t topk_encode_workspace_bytes<T>(const TopkEncodeArgs<T>&, size_t*);    \
+#define PI_INSTANTIATE(T)                                                                          \
+  template cudaError_t topk_encode_forward_workspace_bytes<T>(const TopkEncodeArgs<T>&, size_t*); \
   template cudaError_t topk_encode_forward<T>(const TopkEncodeArgs<T>&, void*, size_t, cudaStream_t);
 PI_INSTANTIATE(float)
 PI_INSTANTIATE(__half)

@@ -5,6 +5,10 @@
 //   values  = ReLU(top-k of z per row), x's dtype       (N, k), descending, ties -> lower latent
 //   indices = their latents, int32                        (N, k)
 //   aux     = the same over dead latents only (live latents count as -inf), (N, k_aux)
+// 16-bit inputs fold b_dec into the bias: z = x W_enc^T + (b_enc - b_dec W_enc^T), both in fp32, which
+// differs from (x - b_dec) W_enc^T by rounding, at most about 2^-24 (D + 16) (|x| + |b_dec|) |W_enc|^T
+// per entry; with a large b_dec, latents whose z are that close may order unlike the reference.
+// Exact 16-bit data (e.g. small integers) give the reference's z exactly.
 #pragma once
 
 #include <cstddef>
@@ -35,16 +39,19 @@ struct TopkEncodeArgs {
 // Bytes of device scratch memory topk_encode_forward needs for these arguments on the current
 // device (pointers matter: unaligned rows take a padded copy).
 template <typename T>
-cudaError_t topk_encode_workspace_bytes(const TopkEncodeArgs<T>& args, size_t* bytes);
+cudaError_t topk_encode_forward_workspace_bytes(const TopkEncodeArgs<T>& args, size_t* bytes);
 
-// Enqueues the whole encode on `stream`; `workspace` holds at least topk_encode_workspace_bytes.
+// Enqueues the whole encode on `stream`; `workspace` holds at least
+// topk_encode_forward_workspace_bytes.
 template <typename T>
 cudaError_t topk_encode_forward(const TopkEncodeArgs<T>& args, void* workspace,
                                 size_t workspace_bytes, cudaStream_t stream);
 
-extern template cudaError_t topk_encode_workspace_bytes<float>(const TopkEncodeArgs<float>&, size_t*);
-extern template cudaError_t topk_encode_workspace_bytes<__half>(const TopkEncodeArgs<__half>&, size_t*);
-extern template cudaError_t topk_encode_workspace_bytes<__nv_bfloat16>(
+extern template cudaError_t topk_encode_forward_workspace_bytes<float>(const TopkEncodeArgs<float>&,
+                                                                       size_t*);
+extern template cudaError_t topk_encode_forward_workspace_bytes<__half>(const TopkEncodeArgs<__half>&,
+                                                                        size_t*);
+extern template cudaError_t topk_encode_forward_workspace_bytes<__nv_bfloat16>(
     const TopkEncodeArgs<__nv_bfloat16>&, size_t*);
 extern template cudaError_t topk_encode_forward<float>(const TopkEncodeArgs<float>&, void*, size_t,
                                                        cudaStream_t);

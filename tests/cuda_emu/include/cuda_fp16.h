@@ -1,0 +1,3 @@
+// Emulated CUDA header (tests/cuda_emu).
+#pragma once
+#include "cuda_emu.h"
