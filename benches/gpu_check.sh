@@ -104,6 +104,7 @@ stage() {
     status=1
     return
   fi
+  ((dry_run)) && cap=$((cap * 3))  # a shared CPU machine is slower than the GPU one
   limit=$((cap < left ? cap : left))
   next_log "$name"
   echo "== $name (timeout ${limit} s): $*" | tee "$log"

@@ -227,6 +227,7 @@ def bench(args) -> int:
                         sae.encode(x)
 
                 def step():
+                    sae.zero_grad(set_to_none=True)
                     with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
                         loss = sae(x).loss
                     loss.backward()
