@@ -14,6 +14,8 @@ COMMANDS = (
     ("info", "pyinterp.info"),
     ("demo", "pyinterp.demo"),
     ("train-sae", "pyinterp.sae.cli"),
+    ("cache-activations", "pyinterp.sae.cache"),
+    ("eval-sae", "pyinterp.sae.evaluate"),
     ("attribute", "pyinterp.attribution.cli"),
     ("factorize", "pyinterp.vsa.cli"),
     ("bench", "pyinterp.bench"),

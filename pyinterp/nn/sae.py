@@ -14,10 +14,11 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from pyinterp import _validation
+from pyinterp._dtypes import accumulator_dtype
 from pyinterp._atomic import atomic_write_json, atomic_write_safetensors
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
-from pyinterp.reference.topk_encode import _compute_dtype, topk_lower_index_ties
+from pyinterp.reference.topk_encode import topk_lower_index_ties
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -42,7 +43,7 @@ def total_variance(x: Tensor, variance_floor: float | None = None) -> Tensor:
     """||x - mean(x)||^2 over the batch of N tokens (the FVU denominator), in fp32 or wider; with a
     variance_floor (per token), at least N * variance_floor, so that a batch of identical tokens has
     a finite FVU instead of x / 0 (docs/SAE_TRAINING.md, "Non-finite values")."""
-    x = x.to(_compute_dtype(x.dtype))
+    x = x.to(accumulator_dtype(x.dtype))
     variance = (x - x.mean(0)).pow(2).sum()
     if variance_floor is not None:
         variance = variance.clamp_min(x.shape[0] * variance_floor)
@@ -168,7 +169,7 @@ class TopKSAE(nn.Module):
         values, indices, aux_values, aux_indices, num_dead = self._select(flat, dead_mask)
         (b_dec,) = self._cast(self.b_dec)
         x_hat = self._decode_sum(values, indices) + b_dec
-        target = flat.to(_compute_dtype(flat.dtype))  # losses in fp32 (float64 stays float64)
+        target = flat.to(accumulator_dtype(flat.dtype))  # losses in fp32 (float64 stays float64)
         fvu = (target - x_hat.to(target.dtype)).pow(2).sum() / total_variance(target, variance_floor)
         if aux_values is None:
             aux_loss = fvu.new_zeros(())

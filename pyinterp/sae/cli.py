@@ -31,6 +31,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use only the first N docstring sentences (default: all, ~100k tokens)")
     source.add_argument("--shards", default=None, metavar="DIR",
                         help="train on the .safetensors/.npy activation shards in DIR instead of a model")
+    stream = parser.add_argument_group(
+        "streaming from a Hugging Face model over a corpus (one SAE per hookpoint, one forward for all)")
+    stream.add_argument("--corpus", default=None,
+                        help="a .txt / .jsonl / .parquet file, a folder of them, or a saved dataset: streams "
+                             "activations during training instead of harvesting them first")
+    stream.add_argument("--model", default="default",
+                        help="with --corpus: Hugging Face model id or local folder (default: the embedded "
+                             "all-MiniLM-L6-v2)")
+    stream.add_argument("--text-column", default="text")
+    stream.add_argument("--hookpoints", nargs="*", default=None,
+                        help="module paths, globs allowed ('*' one component), ':input' for a module's input")
+    stream.add_argument("--layers", default=None, help="layer numbers as --layer counts them, e.g. 0-11 or 3,6")
+    stream.add_argument("--transcode", action="append", default=None, metavar="IN=OUT",
+                        help="train a transcoder from hookpoint IN to hookpoint OUT (e.g. "
+                             "model.layers.3.mlp:input=model.layers.3.mlp); repeatable")
+    stream.add_argument("--skip-connection", action="store_true", help="transcoders get a linear skip")
+    stream.add_argument("--context-length", type=integer_at_least(2, ">= 2"), default=128)
+    stream.add_argument("--exclude-first-token", action="store_true",
+                        help="drop the first position of every window (BOS), as SAE papers do")
+    stream.add_argument("--buffer-tokens", type=positive_int, default=65536,
+                        help="tokens in the shuffle buffer (default 65536)")
     sae = parser.add_argument_group("SAE")
     sae.add_argument("--architecture", choices=("topk", "batch_topk"), default="topk")
     sae.add_argument("--latents", type=positive_int, default=4096, help="number of latents M (default 4096)")
@@ -136,6 +157,10 @@ def run(args) -> int:
     from pyinterp.sae.distributed import parallel_context
     from pyinterp.sae.trainer import NonFiniteError, TrainConfig, Trainer, build_sae
 
+    if args.corpus is not None:
+        from pyinterp.sae.stream import run_streaming
+
+        return run_streaming(args)
     try:
         _check_arguments(args)
         device = _device(args.device)

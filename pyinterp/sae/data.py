@@ -35,6 +35,10 @@ class ActivationSource:
         identity is refused unless asked for."""
         raise NotImplementedError
 
+    def shuffled(self, batch_size: int, seed: int):
+        """The stream of micro-batches a Trainer draws: anything with batch(i) -> (batch_size, d_model)."""
+        return ShuffledStream(self, batch_size, seed=seed)
+
 
 class TensorSource(ActivationSource):
     """identity: how the activations were made (harvest_model_activations passes its recipe);

@@ -22,7 +22,7 @@ from pyinterp import _validation
 from pyinterp._atomic import atomic_write_text, kill_point
 from pyinterp.nn.sae import BatchTopKSAE, TopKSAE, total_variance, write_sae_folder
 from pyinterp.sae import checkpoint
-from pyinterp.sae.data import ActivationSource, ShuffledStream
+from pyinterp.sae.data import ActivationSource
 from pyinterp.sae.distributed import LatentShardedTopKSAE, ParallelContext
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -170,7 +170,7 @@ class Trainer:
         self.sae, self.source, self.config = sae, source, config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = sae.W_enc.device
-        self.stream = ShuffledStream(source, config.batch_size, seed=config.seed)
+        self.stream = source.shuffled(config.batch_size, seed=config.seed)
         self.tokens_per_step = config.batch_size * config.grad_accumulation * self.context.data_parallel_size
         self.total_steps = -(-config.tokens // self.tokens_per_step)
         self.base_lr = config.lr or 2e-4 / math.sqrt(sae.n_latents / 2 ** 14)
