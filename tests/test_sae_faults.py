@@ -88,6 +88,20 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(value):
     assert not torch.equal(before["sae.encoder.weight"], trainer.sae.W_enc)
 
 
+def test_a_skipped_step_leaves_batch_topks_threshold():
+    sae = build_sae("batch_topk", WIDTH, LATENTS, K, backend="torch", k_aux=6)
+    config = TrainConfig(tokens=16 * 8, batch_size=16, lr=3e-3, nonfinite="skip", progress=False)
+    trainer = Trainer(sae, TensorSource(activations()), config)
+    trainer.train_step()
+    threshold = sae.threshold.clone()
+    bad = activations()[:16]
+    bad[0] = float("inf")  # the other, finite rows would move the threshold
+    trainer._batch = lambda step, accumulation: bad  # noqa: E731
+    trainer.train_step()
+    assert trainer.collect_metrics(1.0, 2)["skipped_steps"] == 1
+    assert torch.equal(sae.threshold, threshold)
+
+
 def test_stop_policy_ends_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     reading = steps_reading(make_trainer())
     row = next(r for r, steps in sorted(reading.items()) if steps[0] >= 4)

@@ -234,11 +234,12 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimiser step. A step whose loss or gradient is non-finite on any rank changes
-        nothing (parameters, Adam moments and steps, dead counters) and is counted; all of it on
+        nothing (parameters, Adam moments and steps, buffers, dead counters) and is counted; all of it on
         the device, without a host sync."""
         config, sae, context = self.config, self.sae, self.context
         dead_mask = self.dead.mask() if sae.k_aux > 0 and sae.aux_alpha > 0 else None
         step_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        buffers = [(b, b.clone()) for b in sae.buffers()]  # BatchTopK's threshold moves in forward
         input_sums = []
         for accumulation in range(config.grad_accumulation):
             x = self._batch(self.step, accumulation)
@@ -259,6 +260,8 @@ class Trainer:
         self._optimizer_step(finite)
         self.optimizer.zero_grad(set_to_none=True)
         sae.normalize_decoder(applied=finite)
+        for buffer, before in buffers:
+            buffer.copy_(torch.where(finite, buffer, before))
         self._metric_sums += torch.where(finite, step_sums, 0)
         self._metric_batches += finite.double() * config.grad_accumulation
         skipped = (~finite).double()
