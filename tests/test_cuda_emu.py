@@ -534,9 +534,10 @@ def test_topk_splits_with_several_tiles_each(tmp_path):
     assert _fused_launch(log)[1] == 2
 
 
-@pytest.mark.parametrize("k, k_aux, D", [(300, 0, 40), (9, 144, 288)])
+@pytest.mark.parametrize("k, k_aux, D", [(300, 0, 40), (130, 20, 40), (9, 144, 288)])
 def test_topk_general_path(tmp_path, k, k_aux, D):
-    # k > 256; k_aux = D/2 > 128 (the spec's default): z materialised, radix select, cub sort
+    # k > 256; k > 128 with AuxK; k_aux = D/2 > 128 (the spec's default): z materialised, radix select,
+    # cub sort
     log = _topk_check(tmp_path, "f16", 19, D, 600, k, k_aux, n_dead=400)
     assert any(line.startswith("gemm_store_kernel") for line in log) and not any(
         line.startswith("kernel ") for line in log), log
