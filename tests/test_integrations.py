@@ -1,0 +1,283 @@
+"""pyinterp.integrations inside the host libraries, on CPU: with apply() active, each host's forward
+outputs, losses and gradients against the unpatched host, AuxK with dead latents, save/load, the
+pyinterp kernels really running, a training-parity run, the fused mode's documented differences,
+and apply() refusing a host version or signature it was not written for."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from packaging.version import Version
+
+# sparsify picks its decoder once, at import: its Triton decoder needs a GPU.
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+
+from pyinterp.integrations import HostMismatch  # noqa: E402
+
+
+def pyinterp_ops_called(fn) -> set[str]:
+    """The pyinterp:: custom ops that ran (forward and backward) while fn() ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events() if event.name.startswith("pyinterp::")}
+
+
+def grads(module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(actual: dict, expected: dict, skip=(), **tol) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        if name not in skip:
+            torch.testing.assert_close(actual[name], expected[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def sorted_codes(values, indices):
+    """(values, indices) of each row in latent order, to compare codes whatever order they came in."""
+    order = indices.argsort(dim=-1)
+    return values.gather(-1, order), indices.gather(-1, order)
+
+
+def sparse_data(rows: int, width: int, atoms: int, active: int, generator) -> torch.Tensor:
+    """Rows that are sparse non-negative combinations of `atoms` random unit directions (+ an offset):
+    data an SAE can learn in a few hundred steps."""
+    dictionary = torch.nn.functional.normalize(torch.randn(atoms, width, generator=generator), dim=1)
+    chosen = torch.rand(rows, atoms, generator=generator).argsort(dim=1)[:, :active]
+    weights = torch.rand(rows, active, generator=generator) + 0.5
+    return torch.einsum("na,nad->nd", weights, dictionary[chosen]) + 0.3
+
+
+# ---------------------------------------------------------------- EleutherAI sparsify
+@pytest.fixture(scope="module")
+def sparsify():
+    host = pytest.importorskip("sparsify", reason="could not import sparsify (pip install -r requirements-peers.txt)")
+    from pyinterp.integrations import sparsify as integration
+    return host, integration
+
+
+def make_coder(host, width=16, latents=96, k=5, dtype=torch.float64, seed=0, **cfg):
+    torch.manual_seed(seed)
+    coder = host.SparseCoder(width, host.SparseCoderConfig(num_latents=latents, k=k, **cfg), dtype=dtype)
+    with torch.no_grad():
+        coder.encoder.bias.normal_(0, 0.1)
+        coder.b_dec.normal_(0, 0.1)
+    return coder
+
+
+def sparsify_step(coder, x, dead_mask):
+    for p in coder.parameters():
+        p.grad = None
+    out = coder(x, dead_mask=dead_mask)
+    (out.fvu + out.auxk_loss).backward()
+    return out, grads(coder)
+
+
+def test_sparsify_nothing_patched_on_import(sparsify):
+    host, integration = sparsify
+    import sparsify.fused_encoder
+    import sparsify.sparse_coder
+    import sparsify.utils
+
+    assert not integration.is_applied()
+    assert sparsify.sparse_coder.fused_encoder is sparsify.fused_encoder.fused_encoder
+    assert sparsify.sparse_coder.decoder_impl is sparsify.utils.decoder_impl
+    assert host.SparseCoder.forward.__module__ == "sparsify.sparse_coder"
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+@pytest.mark.parametrize("num_dead", [0, 3, 60])
+def test_sparsify_forward_losses_grads_match_host(sparsify, mode, num_dead):
+    host, integration = sparsify
+    coder = make_coder(host)
+    x = torch.randn(37, 16, dtype=torch.float64) + 0.5
+    dead_mask = torch.zeros(96, dtype=torch.bool)
+    dead_mask[torch.randperm(96, generator=torch.Generator().manual_seed(1))[:num_dead]] = True
+    expected, expected_grads = sparsify_step(coder, x, dead_mask)
+    with integration.apply(mode):
+        actual, actual_grads = sparsify_step(coder, x, dead_mask)
+    assert type(actual) is type(expected)
+    assert actual.latent_indices.dtype == torch.int64 and actual.latent_acts.dtype == torch.float64
+    torch.testing.assert_close(actual.sae_out, expected.sae_out)
+    torch.testing.assert_close(sorted_codes(actual.latent_acts, actual.latent_indices),
+                               sorted_codes(expected.latent_acts, expected.latent_indices))
+    torch.testing.assert_close(actual.fvu, expected.fvu)
+    torch.testing.assert_close(actual.auxk_loss, expected.auxk_loss)
+    assert (actual.auxk_loss > 0) == (num_dead > 0)
+    # fused: AuxK's gradient also reaches the encoder (checked against a dense reference below)
+    encoder_differs = mode == "fused" and num_dead > 0
+    assert_grads_close(actual_grads, expected_grads,
+                       skip=("encoder.weight", "encoder.bias", "b_dec") if encoder_differs else ())
+    if encoder_differs:
+        assert not torch.allclose(actual_grads["encoder.weight"], expected_grads["encoder.weight"])
+
+
+def test_sparsify_fused_auxk_trains_the_encoder(sparsify):
+    """fused mode's documented difference: the AuxK gradient reaches W_enc, b_enc and b_dec, as a
+    dense reference that keeps the gradient of the dead latents' pre-activations computes it."""
+    host, integration = sparsify
+    coder = make_coder(host)
+    x = torch.randn(29, 16, dtype=torch.float64)
+    dead_mask = torch.arange(96) % 3 == 0
+    pre_acts = torch.relu(torch.nn.functional.linear(x - coder.b_dec, coder.encoder.weight, coder.encoder.bias))
+    top_acts, top_indices = pre_acts.topk(5)
+    sae_out = torch.nn.functional.embedding_bag(top_indices, coder.W_dec, per_sample_weights=top_acts,
+                                                mode="sum") + coder.b_dec
+    e = x - sae_out
+    variance = (x - x.mean(0)).pow(2).sum()
+    k_aux = 8  # d_in / 2, fewer than the 32 dead
+    aux_acts, aux_indices = torch.where(dead_mask, pre_acts, -torch.inf).topk(k_aux)
+    e_hat = torch.nn.functional.embedding_bag(aux_indices, coder.W_dec, per_sample_weights=aux_acts, mode="sum")
+    (e.pow(2).sum() / variance + (e_hat - e.detach()).pow(2).sum() / variance).backward()
+    expected = grads(coder)
+    with integration.apply("fused"):
+        _, actual = sparsify_step(coder, x, dead_mask)
+    assert_grads_close(actual, expected)
+
+
+def test_sparsify_kernels_really_run(sparsify):
+    host, integration = sparsify
+    coder = make_coder(host, dtype=torch.float32)
+    x, dead_mask = torch.randn(8, 16), torch.arange(96) < 40
+    step = lambda: sparsify_step(coder, x, dead_mask)  # noqa: E731
+    assert pyinterp_ops_called(step) == set()
+    for mode in ("faithful", "fused"):
+        with integration.apply(mode):
+            ops = pyinterp_ops_called(step)
+        assert {"pyinterp::topk_encode", "pyinterp::sparse_decode"} <= ops, ops
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+def test_sparsify_encode_decode_and_instance_patch(sparsify, mode):
+    host, integration = sparsify
+    coder, other = make_coder(host), make_coder(host, seed=1)
+    x = torch.randn(11, 16, dtype=torch.float64)
+    expected, expected_other = coder.encode(x), other(x)
+    patches = integration.apply(mode, sae=coder)
+    try:
+        actual = coder.encode(x)
+        assert type(actual) is type(expected) and actual.top_indices.dtype == torch.int64
+        torch.testing.assert_close(sorted_codes(actual.top_acts, actual.top_indices),
+                                   sorted_codes(expected.top_acts, expected.top_indices))
+        if mode == "faithful":
+            torch.testing.assert_close(actual.pre_acts, expected.pre_acts)
+        else:
+            assert actual.pre_acts is None
+        decoded = coder.decode(actual.top_acts, actual.top_indices)
+        torch.testing.assert_close(decoded, host.SparseCoder.decode(coder, actual.top_acts, actual.top_indices))
+        # the other instance runs the host's own code
+        assert pyinterp_ops_called(lambda: other(x)) == set()
+        torch.testing.assert_close(other(x).sae_out, expected_other.sae_out)
+        with pytest.raises(RuntimeError, match="patched already"):
+            integration.apply(mode, sae=coder)
+    finally:
+        patches.revert()
+    assert "forward" not in vars(coder)
+
+
+def test_sparsify_empty_batch(sparsify):
+    host, integration = sparsify
+    coder = make_coder(host)
+    x = torch.zeros(0, 16, dtype=torch.float64)
+    expected = coder.encode(x)
+    with integration.apply("faithful"):
+        actual = coder.encode(x)
+        decoded = coder.decode(actual.top_acts, actual.top_indices)
+    assert actual.top_acts.shape == expected.top_acts.shape == (0, 5)
+    assert actual.top_indices.shape == (0, 5) and actual.top_indices.dtype == torch.int64
+    assert decoded.shape == (0, 16)
+
+
+def test_sparsify_revert_and_apply_twice(sparsify):
+    host, integration = sparsify
+    import sparsify.sparse_coder
+
+    originals = (sparsify.sparse_coder.fused_encoder, sparsify.sparse_coder.decoder_impl, host.SparseCoder.forward)
+    integration.apply()
+    try:
+        assert sparsify.sparse_coder.fused_encoder is not originals[0]
+        with pytest.raises(RuntimeError, match="already applied"):
+            integration.apply("fused")
+    finally:
+        integration.revert()
+    assert (sparsify.sparse_coder.fused_encoder, sparsify.sparse_coder.decoder_impl,
+            host.SparseCoder.forward) == originals
+    with pytest.raises(RuntimeError, match="not applied"):
+        integration.revert()
+    with pytest.raises(ValueError, match="mode"):
+        integration.apply("fast")
+
+
+def test_sparsify_refuses_other_versions_and_signatures(sparsify, monkeypatch):
+    host, integration = sparsify
+    import sparsify.sparse_coder
+
+    monkeypatch.setattr(integration, "host_version", lambda _: Version("1.4.1"))
+    with pytest.raises(HostMismatch, match=r"eai-sparsify 1\.4\.1 is outside"):
+        integration.apply()
+    monkeypatch.undo()
+    monkeypatch.setattr(sparsify.sparse_coder, "fused_encoder", lambda input, weight, bias, k: None)
+    with pytest.raises(HostMismatch, match=r"sparsify\.sparse_coder\.fused_encoder of eai-sparsify 1\.3"):
+        integration.apply()
+    assert not integration.is_applied()
+
+
+def test_sparsify_unsupported_config_raises(sparsify):
+    host, integration = sparsify
+    coder = make_coder(host, multi_topk=True)
+    with integration.apply():
+        with pytest.raises(NotImplementedError, match="multi_topk"):
+            coder(torch.randn(4, 16, dtype=torch.float64))
+
+
+def test_sparsify_save_load_through_pyinterp(sparsify, tmp_path):
+    host, integration = sparsify
+    from pyinterp.nn import TopKSAE
+
+    coder = make_coder(host, dtype=torch.float32)
+    x = torch.randn(9, 16)
+    with integration.apply():
+        coder.save_to_disk(tmp_path / "host")
+        expected = coder(x).sae_out
+    sae = TopKSAE.load(tmp_path / "host", backend="cpu")
+    torch.testing.assert_close(sae(x).x_hat, expected)
+    sae.save(tmp_path / "pyinterp")
+    torch.testing.assert_close(host.SparseCoder.load_from_disk(tmp_path / "pyinterp")(x).sae_out, expected)
+
+
+def sparsify_training_run(host, steps, seed=0):
+    """sparsify's training step as its Trainer runs it (FVU + AuxK, decoder-gradient projection,
+    Adam, renorm; latents dead after `dead_after` tokens unfired); returns the eval FVU."""
+    g = torch.Generator().manual_seed(seed)
+    width, latents, k, batch = 16, 128, 4, 64
+    data = sparse_data(steps * batch + 512, width, 48, 3, g)
+    train, held_out = data[:-512], data[-512:]
+    coder = make_coder(host, width, latents, k, dtype=torch.float32, seed=seed)
+    with torch.no_grad():
+        coder.b_dec.copy_(train[:batch].mean(0))
+        coder.encoder.bias.zero_()
+    optimizer = torch.optim.Adam(coder.parameters(), lr=3e-3)
+    since_fired = torch.zeros(latents, dtype=torch.long)
+    dead_after = 4 * batch
+    for step in range(steps):
+        x = train[step * batch:(step + 1) * batch]
+        out = coder(x, dead_mask=since_fired > dead_after)
+        (out.fvu + out.auxk_loss / 32).backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        coder.set_decoder_norm_to_unit_norm()
+        since_fired += batch
+        since_fired[out.latent_indices.flatten()] = 0
+    with torch.no_grad():
+        return float(coder(held_out).fvu)
+
+
+def test_sparsify_training_parity(sparsify):
+    host, integration = sparsify
+    expected = sparsify_training_run(host, 300)
+    with integration.apply("faithful"):
+        actual = sparsify_training_run(host, 300)
+    assert expected < 0.5  # it learned something
+    assert abs(actual - expected) < 1e-3, (actual, expected)
