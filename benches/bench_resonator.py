@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import harness
-from pyinterp import _backend
+from pyinterp import _dispatch
 from pyinterp.ops.resonator import resonator
 from pyinterp.vsa import iteration_cap, random_codebooks, random_problems
 
@@ -130,7 +130,7 @@ def skip(record, row: dict, reason: str):
 @pytest.mark.parametrize("backend", PYINTERP)
 def test_pyinterp(benchmark, record, problem_sets, shape, batch, backend):
     row = case_row(shape, batch, f"pyinterp-{backend}")
-    why = _backend.unavailable_reason(backend, DEVICE)
+    why = _dispatch.unavailable_reason(backend, DEVICE)
     if backend == "triton" and DEVICE.type == "cpu":
         why = "triton on CPU runs only under the interpreter (a correctness tool, not timed)"
     if backend == "torch" and batch > 64:

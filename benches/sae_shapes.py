@@ -8,7 +8,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from pyinterp import _backend
+from pyinterp import _dispatch
 
 # name: (D, M, k, N)
 SMALL_SHAPES = {"cpu-small": (384, 16384, 32, 4096)}
@@ -37,7 +37,7 @@ def skip_reason(provider: str, shape: str, device: str) -> str:
     if shape in PAPER_SHAPES and device != "cuda":
         return "paper shapes need a GPU"
     if provider.startswith("pyinterp-"):
-        reason = _backend.unavailable_reason(provider.removeprefix("pyinterp-"), torch.device(device))
+        reason = _dispatch.unavailable_reason(provider.removeprefix("pyinterp-"), torch.device(device))
         if provider == "pyinterp-triton" and device == "cpu" and not reason:
             reason = "the Triton interpreter is a correctness tool, not a benchmark target"
         return reason

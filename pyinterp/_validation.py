@@ -1,12 +1,12 @@
 """Argument checks shared by every op. Each error names the op and the argument."""
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from typing import Iterable, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
+from pyinterp._dtypes import FLOAT_DTYPES, INDEX_DTYPES  # noqa: F401  (re-exported for the ops)
 
 
 def check_tensor(op: str, name: str, value, *, ndim: int | Iterable[int] | None = None,
@@ -58,9 +58,28 @@ def check_int(op: str, name: str, value, *, low: int | None = None, high: int | 
     return value
 
 
-def check_nonempty(op: str, name: str, tensor: torch.Tensor, dim: int = 0) -> None:
-    if tensor.shape[dim] == 0:
-        raise ValueError(f"{op}: {name} is empty (shape {tuple(tensor.shape)}); nothing to compute")
+def check_top_k(op: str, name: str, k, num_latents: int, latents_name: str = "the number of latents") -> int:
+    """The one wording of 1 <= k <= M."""
+    return check_int(op, name, k, low=1, high=num_latents, meaning=f"1 <= {name} <= {latents_name}")
+
+
+def check_choice(op: str, name: str, value, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def check_number(op: str, name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, meaning: str = "") -> float:
+    """A finite real in [low, high) (or (low, high) with low_open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{op}: {name} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value >= high):
+        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
+        extra = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{op}: {name} must be in {bounds}{extra}, got {value}")
+    return float(value)
 
 
 def check_index_range(op: str, name: str, indices: torch.Tensor, size: int, size_name: str) -> None:

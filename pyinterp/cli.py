@@ -11,6 +11,7 @@ COMMANDS = (
     ("info", "pyinterp.info"),
     ("demo", "pyinterp.demo"),
     ("train-sae", "pyinterp.sae.cli"),
+    ("cache-activations", "pyinterp.sae.cache"),
     ("attribute", "pyinterp.attribution.cli"),
     ("factorize", "pyinterp.vsa.cli"),
     ("bench", "pyinterp.bench"),

@@ -28,7 +28,7 @@ def _median_ms(fn, repeats: int = 5) -> float:
 
 def sae_section(args) -> None:
     import pyinterp
-    from pyinterp import _backend
+    from pyinterp import _dispatch
     from pyinterp.models import docstring_sentences, layer_activations, load_default_model
 
     print("== top-k SAE encode / sparse decode on all-MiniLM-L6-v2 activations ==")
@@ -45,9 +45,9 @@ def sae_section(args) -> None:
     b_enc = torch.zeros(args.latents)
     b_dec = x.mean(0)
 
-    backends = _backend.available_backends(x.device)
+    backends = _dispatch.available_backends(x.device)
     if "triton" not in backends:
-        print(f"triton: skipped ({_backend.unavailable_reason('triton', x.device)})")
+        print(f"triton: skipped ({_dispatch.unavailable_reason('triton', x.device)})")
     values_ref, indices_ref = pyinterp.topk_encode(x, W_enc, b_enc, args.k, b_dec=b_dec, backend="torch")
     x_hat_ref = pyinterp.sparse_decode(values_ref, indices_ref, W_dec, b_dec, backend="torch")
     fvu = ((x - x_hat_ref).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()

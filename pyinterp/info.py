@@ -22,7 +22,7 @@ def _version(module_name: str) -> str:
 
 def collect() -> dict:
     import pyinterp
-    from pyinterp import _backend, _extension
+    from pyinterp import _dispatch, _extension
 
     report = {
         "pyinterp": pyinterp.__version__,
@@ -30,7 +30,7 @@ def collect() -> dict:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda_available": torch.cuda.is_available(),
-        "triton_interpreter": _backend.triton_interpreting(),
+        "triton_interpreter": _dispatch.triton_interpreting(),
     }
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name()
@@ -46,9 +46,10 @@ def collect() -> dict:
     report["backends"] = {}
     for device in devices:
         report["backends"][device] = {
-            backend: (_backend.unavailable_reason(backend, torch.device(device)) or "available")
-            for backend in _backend.BACKENDS}
-        report["backends"][device]["auto"] = _backend.resolve("auto", torch.device(device), "info")
+            backend: (_dispatch.unavailable_reason(backend, torch.device(device)) or "available")
+            for backend in _dispatch.BACKENDS}
+        report["backends"][device]["auto"] = {
+            op: _dispatch.op_spec(op).resolve("auto", torch.device(device)) for op in _dispatch.op_names()}
     return report
 
 
@@ -67,7 +68,8 @@ def run(args) -> int:
     if not report["cuda_available"]:
         print("cuda device: none (no GPU on this machine)")
     for device, backends in report["backends"].items():
-        print(f"backends for {device} tensors (auto -> {backends['auto']}):")
+        auto = ", ".join(f"{op} -> {backend}" for op, backend in backends["auto"].items())
+        print(f"backends for {device} tensors (auto: {auto}):")
         for backend, status in backends.items():
             if backend != "auto":
                 print(f"  {backend:7s} {status}")

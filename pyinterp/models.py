@@ -82,13 +82,42 @@ TRAINING_DOC_MODULES = DEFAULT_DOC_MODULES + (
 )
 
 
-def transformer_layers(transformer) -> tuple[str, torch.nn.ModuleList]:
-    """The name and ModuleList of a Hugging Face model's transformer blocks (num_hidden_layers long)."""
-    num_layers = transformer.config.num_hidden_layers
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
-            return name, module
-    raise ValueError(f"could not find the {num_layers} transformer blocks of {type(transformer).__name__}")
+def _configured_layer_count(model: torch.nn.Module) -> int:
+    """config.num_hidden_layers of the model, or of its first submodule with a Hugging Face config
+    (a SentenceTransformer's auto_model)."""
+    for _, module in model.named_modules():
+        count = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        if isinstance(count, int) and not isinstance(count, bool):
+            return count
+    raise TypeError(f"{type(model).__name__} has no Hugging Face config with num_hidden_layers, so its "
+                    "transformer blocks cannot be told apart from other module lists; pass a Hugging Face "
+                    "model (or a SentenceTransformer)")
+
+
+def transformer_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The dotted path (relative to `model`, so model.get_submodule(path) is the list) and the
+    ModuleList of a Hugging Face model's transformer blocks: encoder.layer (BERT, RoBERTa, MPNet),
+    transformer.layer (DistilBERT), transformer.h (GPT-2), model.layers (Llama, Mistral, Qwen), the
+    same below a task head (bert.encoder.layer) or in a SentenceTransformer (0.model.encoder.layer
+    with sentence-transformers 6, 0.auto_model.encoder.layer with 5).
+
+    Found by structure rather than by a list of names: the shallowest ModuleList holding
+    config.num_hidden_layers modules. Two such lists at that depth (an encoder-decoder) raise."""
+    count = _configured_layer_count(model)
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module) > 0]
+    matching = [(name, module) for name, module in lists if len(module) == count]
+    if not matching:
+        seen = ", ".join(f"{name} ({len(module)})" for name, module in lists) or "none"
+        raise ValueError(f"could not find the {count} transformer blocks of {type(model).__name__}: no "
+                         f"ModuleList of config.num_hidden_layers = {count} modules (module lists: {seen})")
+    depth = min(name.count(".") for name, _ in matching)
+    shallowest = [(name, module) for name, module in matching if name.count(".") == depth]
+    if len(shallowest) > 1:
+        raise ValueError(f"{type(model).__name__} has several lists of {count} blocks "
+                         f"({', '.join(name for name, _ in shallowest)}); pass the part of the model "
+                         "you mean (e.g. its encoder)")
+    return shallowest[0]
 
 
 def resolve_layer(transformer, layer: int | str) -> tuple[str, torch.nn.Module, bool]:
@@ -110,6 +139,13 @@ def resolve_layer(transformer, layer: int | str) -> tuple[str, torch.nn.Module, 
                          f"in [0, {len(blocks)}] or a module name such as {blocks_name}.0 ... "
                          f"{blocks_name}.{len(blocks) - 1}")
     return layer, modules[layer], False
+
+
+def forward_inputs(transformer: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+    """The tokenizer outputs that the model's forward takes by name (DistilBERT and Llama take no
+    token_type_ids, which BERT tokenizers return)."""
+    accepted = inspect.signature(transformer.forward).parameters
+    return {name: value for name, value in batch.items() if name in accepted}
 
 
 class _StopForward(Exception):
@@ -151,7 +187,7 @@ def hooked_activations(model, texts: list[str], layer: int | str, batch_size: in
                               max_length=max_length, return_tensors="pt").to(device)
             captured.clear()
             try:
-                transformer(**batch)
+                transformer(**forward_inputs(transformer, batch))
             except _StopForward:
                 pass
             chunks.append(captured[0][batch["attention_mask"].bool()].float().cpu())

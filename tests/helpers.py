@@ -3,23 +3,25 @@ from __future__ import annotations
 
 import torch
 
-from pyinterp import _backend
+from pyinterp import _dispatch
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def kernel_backends(device: str = "cpu") -> list[str]:
-    """The non-reference backends that can run on `device` here."""
-    return [b for b in ("cpu", "triton", "cuda") if not _backend.unavailable_reason(b, torch.device(device))]
+def backends(op: str, device: str = "cpu", *, reference: bool = True) -> list[str]:
+    """The backends of `op` that can run on `device` here (from the dispatch core's op spec); without
+    the torch reference when reference=False. The one place tests ask which backends exist."""
+    available = _dispatch.op_spec(op).available(torch.device(device))
+    return [b for b in available if reference or b != "torch"]
 
 
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_device_pairs() -> list[tuple[str, str]]:
-    return [(b, d) for d in devices() for b in kernel_backends(d)]
+def backend_device_pairs(op: str) -> list[tuple[str, str]]:
+    """(kernel backend, device) pairs of `op` to test against its reference."""
+    return [(b, d) for d in devices() for b in backends(op, d, reference=False)]
 
 
 def exact_sae_data(n: int, d: int, m: int, *, seed: int = 0, dtype=torch.float32, device="cpu",

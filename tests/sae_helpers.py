@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from helpers import kernel_backends
+from helpers import backends
 
 
 def training_backends() -> list[str]:
     """Backends for the float64 training checks: the Triton encoder has no float64 path (its
     gradients are checked against the float64 reference in float32 in tests/test_topk_encode.py)."""
-    return ["torch"] + [b for b in kernel_backends("cpu") if b != "triton"]
+    return [b for b in backends("topk_encode") if b != "triton"]
 
 
 def correlated_activations(tokens: int, width: int, *, seed: int = 0, offset: float = 2.0) -> torch.Tensor:

@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
-from pyinterp import _backend
-from pyinterp.attribution import (METHODS, SparseAutoencoder, attribute_texts, explain_pair, integrated_gradients,
-                                  integrated_jacobian, nodes_and_weights, sae_attribution)
+from pyinterp.attribution import (METHODS, TextAttribution, attribute_texts, explain_pair, integrated_gradients,
+                                  integrated_jacobian, nodes_and_weights, sae_attribution, sae_feature_attribution)
+from pyinterp.nn import BatchTopKSAE, TopKSAE
+
+from helpers import backends
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -44,10 +47,6 @@ def brute_force(fn, x, r, method, n_steps):
     jbar = sum(w * torch.autograd.functional.jacobian(lambda z: fn(z.unsqueeze(0))[0], r + a * (x - r))
                for a, w in zip(alphas.tolist(), weights.tolist()))
     return jbar, torch.einsum("es...,s...->es", jbar, x - r)
-
-
-def ij_backends():
-    return [b for b in _backend.BACKENDS if not _backend.unavailable_reason(b, torch.device("cpu"))]
 
 
 # ---------------------------------------------------------------- quadrature
@@ -88,7 +87,7 @@ def test_matches_brute_force_jacobian_at_every_node(method):
     torch.testing.assert_close(vjp.eps, vjp.P.sum(1) - (vjp.g_x - vjp.g_r))
 
 
-@pytest.mark.parametrize("backend", ij_backends())
+@pytest.mark.parametrize("backend", backends("ij_accumulate"))
 def test_every_accumulation_backend_in_the_loop(backend):
     fn, x, r = make_function(1)
     result = integrated_jacobian(fn, x.float(), r.float(), n_steps=3, mode="vjp", return_jbar=True,
@@ -203,35 +202,145 @@ def test_agrees_with_captum_integrated_gradients(method, captum_method):
 
 
 # ---------------------------------------------------------------- SAE features (small function)
-def test_sae_split_equals_the_path_over_latents_and_error():
-    """sae_feature_attribution's closed form equals integrated gradients taken explicitly along the
-    straight path over (latent codes, error term)."""
-    from pyinterp.attribution.encoders import TextAttribution
-    from pyinterp.attribution.sae import sae_feature_attribution
+def random_sae(latents: int, k: int, *, seed: int, dtype=torch.float64, backend: str = "auto", cls=TopKSAE,
+               **kwargs):
+    """An SAE with random (not unit-norm, biased) weights: continuous values, so no ties."""
+    g = torch.Generator().manual_seed(seed)
+    sae = cls(D, latents, k, backend=backend, dtype=dtype, **kwargs)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(latents, D, generator=g, dtype=torch.float64))
+        sae.b_enc.copy_(torch.randn(latents, generator=g, dtype=torch.float64) / 4)
+        sae.W_dec.copy_(torch.randn(latents, D, generator=g, dtype=torch.float64) / 3)
+        sae.b_dec.copy_(torch.randn(D, generator=g, dtype=torch.float64) / 5)
+    return sae
+
+
+def torch_topk_codes(sae, h):
+    """The dense top-k code as attribution computed it before it took nn.TopKSAE: torch.topk, whose
+    order among ties is unspecified (so only for data without ties)."""
+    W_enc, b_enc, b_dec = (p.detach().to(h.dtype) for p in (sae.W_enc, sae.b_enc, sae.b_dec))
+    pre = (h - b_dec) @ W_enc.T + b_enc
+    values, indices = pre.topk(sae.k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+
+def explicit_unit_attributions(fn, sae, x, r, n_steps):
+    """Integrated gradients taken explicitly along the straight path over (latent codes, error term),
+    with codes from torch_topk_codes: (E, S, M + D) per unit, (codes and errors of x) - (of r)."""
+    W_dec, b_dec = sae.W_dec.detach().double(), sae.b_dec.detach().double()
+    latents = W_dec.shape[0]
+
+    def codes_and_error(h):
+        z = torch_topk_codes(sae, h)
+        return torch.cat([z, h - (z @ W_dec + b_dec)], dim=-1)
+    explicit = integrated_jacobian(lambda v: fn(v[..., :latents] @ W_dec + b_dec + v[..., latents:]),
+                                   codes_and_error(x), codes_and_error(r), n_steps=n_steps, mode="vjp",
+                                   return_jbar=True)
+    return explicit.jbar * (codes_and_error(x) - codes_and_error(r))
+
+
+# an SAE runs topk_encode and sparse_decode on its one backend
+SAE_BACKENDS = [b for b in backends("topk_encode") if b in backends("sparse_decode")]
+
+
+@pytest.mark.parametrize("backend", [b for b in SAE_BACKENDS if b != "triton"])  # triton: fp32/fp16/bf16 only
+def test_sae_split_equals_the_path_over_latents_and_error(backend):
+    """sae_feature_attribution with a TopKSAE equals integrated gradients taken explicitly along the
+    straight path over (latent codes, error term), with the codes of the torch.topk encoder the
+    attribution used before (the same result on data without ties)."""
     fn, x, r = make_function(7)
-    g = torch.Generator().manual_seed(7)
     latents = 11
-    sae = SparseAutoencoder(torch.randn(latents, D, generator=g, dtype=torch.float64),
-                            torch.randn(latents, generator=g, dtype=torch.float64) / 4,
-                            torch.randn(latents, D, generator=g, dtype=torch.float64) / 3,
-                            torch.randn(D, generator=g, dtype=torch.float64) / 5, k=3)
+    sae = random_sae(latents, 3, seed=7, backend=backend)
     result = integrated_jacobian(fn, x, r, n_steps=6, mode="vjp", return_jbar=True)
     split = sae_feature_attribution(TextAttribution([str(s) for s in range(S)], result, x, r), sae)
     torch.testing.assert_close(split.contributions.sum(-1) + split.error, result.P, rtol=1e-10, atol=1e-12)
-
-    def codes_and_error(h):
-        z = sae.encode(h)
-        return torch.cat([z, h - sae.decode(z)], dim=-1)        # (S, M + D)
-    explicit = integrated_jacobian(lambda v: fn(sae.decode(v[..., :latents]) + v[..., latents:]),
-                                   codes_and_error(x), codes_and_error(r), n_steps=6, mode="vjp", return_jbar=True)
-    per_unit = explicit.jbar * (codes_and_error(x) - codes_and_error(r))   # (E, S, M + D)
+    per_unit = explicit_unit_attributions(fn, sae, x, r, 6)
     for s in range(S):
         for u, feature in enumerate(split.features[s].tolist()):
             expected = per_unit[:, s, feature] if feature >= 0 else torch.zeros(E, dtype=torch.float64)
             torch.testing.assert_close(split.contributions[:, s, u], expected, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(split.error[:, s], per_unit[:, s, latents:].sum(-1), rtol=1e-9, atol=1e-12)
+    active = (torch_topk_codes(sae, x) != 0) | (torch_topk_codes(sae, r) != 0)
+    assert [sorted(f for f in row if f >= 0) for row in split.features.tolist()] == \
+        [torch.nonzero(row).flatten().tolist() for row in active]
     matrix, labels = split.units()
     assert matrix.shape == (E, len(labels)) and labels[-1] == (S - 1, -1)
+
+
+@pytest.mark.parametrize("backend", SAE_BACKENDS)
+def test_sae_ties_go_to_the_lower_latent_index(backend):
+    """Latents 1 and 4 share one encoder row w, latents 2 and 6 share -w (no biases), so at every token
+    the best pre-activation is an exact tie (small integers: exact in fp32 in any summation order);
+    their decoder rows differ, so the pick changes the result. With k = 1 the lower index must win
+    (1 where h.w > 0, 2 where h.w < 0), as in nn.TopKSAE's training and every topk_encode backend."""
+    fn, _, _ = make_function(9)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(-2, 3, (S, D), generator=g).float()
+    r = torch.randint(-2, 3, (S, D), generator=g).float() / 4
+    sae = random_sae(8, 1, seed=9, dtype=torch.float32, backend=backend)
+    w = torch.arange(D, dtype=torch.float32) % 3 - 1
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-1.0)   # latents other than 1, 2, 4, 6 never fire
+        sae.b_dec.zero_()
+        sae.W_enc[[1, 4]] = w
+        sae.W_enc[[2, 6]] = -w
+        sae.b_enc[[1, 2, 4, 6]] = 0.0
+    result = integrated_jacobian(lambda z: fn(z.double()), x, r, n_steps=3, mode="vjp", return_jbar=True)
+    split = sae_feature_attribution(TextAttribution([str(s) for s in range(S)], result, x, r), sae)
+
+    def lower_index_codes(h):
+        codes = torch.zeros(S, 8)
+        codes[:, 1], codes[:, 2] = (h @ w).clamp(min=0), (-(h @ w)).clamp(min=0)
+        return codes
+    assert bool(((x @ w) > 0).any() and ((x @ w) < 0).any())  # both tied pairs win somewhere
+    W_dec = sae.W_dec.detach()
+    delta_z = lower_index_codes(x) - lower_index_codes(r)
+    delta_err = (x - lower_index_codes(x) @ W_dec) - (r - lower_index_codes(r) @ W_dec)
+    assert set(split.features[split.features >= 0].tolist()) == {1, 2}
+    for s in range(S):
+        for u, feature in enumerate(split.features[s].tolist()):
+            if feature >= 0:
+                expected = (result.jbar[:, s] @ W_dec[feature]) * delta_z[s, feature]
+                torch.testing.assert_close(split.contributions[:, s, u], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(split.error[:, s], (result.jbar[:, s] * delta_err[s]).sum(-1),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_batch_topk_sae_attributes_in_its_inference_form():
+    """BatchTopKSAE is attributed as a JumpReLU at its threshold (its training-mode code depends on
+    the batch); the module's training flag is left as it was."""
+    fn, x, r = make_function(10)
+    sae = random_sae(12, 2, seed=10, cls=BatchTopKSAE, max_k_per_row=5)
+    with torch.no_grad():
+        sae.threshold.fill_(0.8)
+    sae.train()
+    result = integrated_jacobian(fn, x, r, n_steps=4, mode="vjp", return_jbar=True)
+    split = sae_feature_attribution(TextAttribution([str(s) for s in range(S)], result, x, r), sae)
+    assert sae.training
+    pre = {which: (h - sae.b_dec.detach()) @ sae.W_enc.detach().T + sae.b_enc.detach()
+           for which, h in (("x", x), ("r", r))}
+    for s in range(S):
+        expected = set()
+        for which in ("x", "r"):
+            top5 = pre[which][s].topk(5).indices
+            expected |= {int(m) for m in top5 if pre[which][s, m] > 0.8}
+        assert set(split.features[s][split.features[s] >= 0].tolist()) == expected
+    torch.testing.assert_close(split.contributions.sum(-1) + split.error, result.P, rtol=1e-10, atol=1e-12)
+
+
+def test_sae_feature_attribution_bad_inputs():
+    fn, x, r = make_function(11)
+    with_jbar = TextAttribution([str(s) for s in range(S)],
+                                integrated_jacobian(fn, x, r, n_steps=2, mode="vjp", return_jbar=True), x, r)
+    without = TextAttribution(with_jbar.tokens, integrated_jacobian(fn, x, r, n_steps=2, mode="jvp"), x, r)
+    sae = random_sae(6, 2, seed=11)
+    with pytest.raises(ValueError, match="return_jbar=True"):
+        sae_feature_attribution(without, sae)
+    with pytest.raises(TypeError, match="sae must be a pyinterp.nn.TopKSAE"):
+        sae_feature_attribution(with_jbar, {"W_enc": sae.W_enc})
+    with pytest.raises(ValueError, match="d_model 4 differs from the layer's width 7"):
+        sae_feature_attribution(with_jbar, TopKSAE(4, 6, 2, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- the real all-MiniLM-L6-v2
@@ -301,14 +410,14 @@ def test_minilm_completeness_and_batched_pairs(minilm):
 
 
 def test_minilm_sae_contributions_sum_to_p(minilm):
-    g = torch.Generator().manual_seed(0)
-    latents = 48
-    sae = SparseAutoencoder(torch.randn(latents, 384, generator=g) / 20, torch.zeros(latents),
-                            torch.randn(latents, 384, generator=g) / 20, torch.zeros(384), k=4)
+    sae = TopKSAE(384, 48, 4, seed=0)
     (att,) = sae_attribution(minilm, ["Hi"], sae, layer=LAYER, n_steps=2, chunk_size=192)
     assert att.tokens == ["[CLS]", "hi", "[SEP]"]
     assert bool((att.features >= 0).sum(1).le(8).all())         # at most k at the input + k at the reference
+    assert bool((att.features >= 0).any())
     torch.testing.assert_close(att.contributions.sum(-1) + att.error, att.result.P, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="d_model 100 differs from the layer's width 384"):
+        sae_attribution(minilm, ["Hi"], TopKSAE(100, 48, 4), layer=LAYER, n_steps=2)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -326,6 +435,26 @@ def test_explain_pair_bad_inputs(minilm, kwargs, error, match):
         explain_pair(minilm, args.pop("text_a"), args.pop("text_b"), n_steps=args.pop("n_steps", 2), **args)
 
 
+def test_adapter_on_a_model_without_an_encoder_attribute(minilm):
+    """A tiny random DistilBERT (blocks at transformer.layer, no token_type_ids) given as a Hugging Face
+    model + tokenizer: the layer finder of pyinterp.models reaches it, and reverse and forward mode
+    agree and converge (completeness)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=minilm.tokenizer.vocab_size, dim=16, n_layers=3, n_heads=2,
+                                           hidden_dim=32, max_position_embeddings=64)
+    model = transformers.DistilBertModel(config).eval()
+    texts = ["Good coffee", "Bad tea today"]
+    vjp = attribute_texts(model, texts, layer=1, n_steps=8, mode="vjp", tokenizer=minilm.tokenizer)
+    jvp = attribute_texts(model, texts, layer=1, n_steps=8, mode="jvp", tokenizer=minilm.tokenizer)
+    for a, b in zip(vjp, jvp):
+        assert a.result.P.shape == (16, len(a.tokens)) and a.tokens[0] == "[CLS]"
+        torch.testing.assert_close(a.result.P, b.result.P, rtol=1e-4, atol=1e-6)
+        assert float(a.result.eps.norm()) < 1e-3 * float((a.result.g_x - a.result.g_r).norm())
+    pair = explain_pair(model, "Good coffee", "Bad tea today", layer=2, n_steps=4, tokenizer=minilm.tokenizer)
+    assert pair.A_tok.shape == (4, 5)
+
+
 def test_explain_pair_rejects_models_it_cannot_adapt():
     with pytest.raises(TypeError, match="SentenceTransformer"):
         explain_pair(torch.nn.Linear(2, 2), "a", "b")
@@ -335,10 +464,33 @@ def test_explain_pair_rejects_models_it_cannot_adapt():
 def test_cuda_integrated_jacobian_matches_cpu():
     fn, x, r = make_function(8)
     cpu = integrated_jacobian(fn, x, r, n_steps=5, mode="vjp", return_jbar=True)
-    for backend in [b for b in ("cuda", "triton") if not _backend.unavailable_reason(b, torch.device("cuda"))]:
+    for backend in backends("ij_accumulate", "cuda", reference=False):
         gpu = integrated_jacobian(fn, x.cuda(), r.cuda(), n_steps=5, mode="vjp", return_jbar=True, backend=backend)
         torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gpu.jbar.cpu(), cpu.jbar, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_cuda_sae_split_matches_cpu():
+    """The SAE split with the SAE and the states on the GPU, on each GPU backend both SAE ops share,
+    against the float32 CPU reference backend."""
+    fn, x, r = make_function(12)
+    x, r = x.float(), r.float()
+    tokens = [str(s) for s in range(S)]
+    sae = random_sae(16, 3, seed=12, dtype=torch.float32, backend="torch")
+    result = integrated_jacobian(lambda z: fn(z.double()), x, r, n_steps=3, mode="vjp", return_jbar=True)
+    cpu = sae_feature_attribution(TextAttribution(tokens, result, x, r), sae)
+    gpu_result = integrated_jacobian(lambda z: fn(z.double()), x.cuda(), r.cuda(), n_steps=3, mode="vjp",
+                                     return_jbar=True)
+    shared = [b for b in backends("topk_encode", "cuda", reference=False)
+              if b in backends("sparse_decode", "cuda", reference=False)]
+    assert shared
+    for backend in shared:
+        sae_gpu = random_sae(16, 3, seed=12, dtype=torch.float32, backend=backend).cuda()
+        gpu = sae_feature_attribution(TextAttribution(tokens, gpu_result, x.cuda(), r.cuda()), sae_gpu)
+        assert torch.equal(gpu.features.cpu(), cpu.features), backend
+        torch.testing.assert_close(gpu.contributions.cpu(), cpu.contributions, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gpu.error.cpu(), cpu.error, rtol=1e-4, atol=1e-5)
 
 
 def test_cli_prints_figures_and_writes_heatmap(tmp_path, capsys):

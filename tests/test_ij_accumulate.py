@@ -10,13 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyinterp
-from pyinterp import _backend
 from pyinterp.ops.ij_accumulate import ij_accumulate_triton_
 from pyinterp.reference.ij_accumulate import ij_accumulate as reference
 
+from helpers import backends
 
-def backends(device: str = "cpu") -> list[str]:
-    return [b for b in _backend.BACKENDS if not _backend.unavailable_reason(b, torch.device(device))]
+
+def ij_backends(device: str = "cpu") -> list[str]:
+    return backends("ij_accumulate", device)
 
 
 def make_inputs(num_nodes, outputs, tokens, features, *, dtype=torch.float64, device="cpu", seed=0):
@@ -31,7 +32,7 @@ def make_inputs(num_nodes, outputs, tokens, features, *, dtype=torch.float64, de
 SHAPES = [(1, 1, 1, (1,)), (3, 5, 7, (13,)), (2, 3, 2, (130,)), (4, 2, 9, (1,)), (2, 3, 4, (2, 3))]
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", ij_backends())
 @pytest.mark.parametrize("shape", SHAPES)
 def test_float64_matches_reference(backend, shape):
     grads, weights, delta = make_inputs(*shape)
@@ -42,7 +43,7 @@ def test_float64_matches_reference(backend, shape):
     torch.testing.assert_close(Jbar, jbar_ref.reshape(Jbar.shape), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", ij_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_accumulates_in_fp32(backend, dtype):
     grads, weights, delta = make_inputs(5, 3, 6, (70,), dtype=dtype)
@@ -55,7 +56,7 @@ def test_low_precision_accumulates_in_fp32(backend, dtype):
     torch.testing.assert_close(Jbar.double(), jbar_exact, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", ij_backends())
 def test_chunks_accumulate_into_running_sums(backend):
     grads, weights, delta = make_inputs(6, 4, 5, (11,), dtype=torch.float32)
     P = torch.full((4, 5), 0.5)
@@ -72,7 +73,7 @@ def test_chunks_accumulate_into_running_sums(backend):
     assert not P_rows[[0, 3]].any()
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", ij_backends())
 def test_p_only_does_not_build_jbar_and_is_deterministic(backend):
     grads, weights, delta = make_inputs(3, 5, 7, (33,), dtype=torch.float32)
     P1, Jbar1 = pyinterp.ij_accumulate(grads, weights, delta, backend=backend)
@@ -82,7 +83,7 @@ def test_p_only_does_not_build_jbar_and_is_deterministic(backend):
 
 
 def test_empty_chunk_leaves_sums_unchanged():
-    for backend in backends():
+    for backend in ij_backends():
         grads, weights, delta = make_inputs(0, 2, 3, (4,), dtype=torch.float32)
         P = torch.ones(2, 3)
         pyinterp.ij_accumulate(grads, weights, delta, P=P, backend=backend)
@@ -93,7 +94,7 @@ def test_empty_chunk_leaves_sums_unchanged():
 @given(num_nodes=st.integers(1, 4), outputs=st.integers(1, 5), tokens=st.integers(1, 6),
        width=st.integers(1, 40), seed=st.integers(0, 2**16))
 def test_cpu_kernel_property(num_nodes, outputs, tokens, width, seed):
-    backend = "cpu" if "cpu" in backends() else "torch"
+    backend = "cpu" if "cpu" in ij_backends() else "torch"
     grads, weights, delta = make_inputs(num_nodes, outputs, tokens, (width,), seed=seed)
     P, Jbar = pyinterp.ij_accumulate(grads, weights, delta, return_jbar=True, backend=backend)
     p_ref, jbar_ref = reference(grads, weights, delta, return_jbar=True)
@@ -109,14 +110,14 @@ def _kernel_args(with_jbar: bool):
 
 @pytest.mark.parametrize("with_jbar", [True, False])
 def test_opcheck(with_jbar):
-    if "cpu" in backends():
+    if "cpu" in ij_backends():
         torch.library.opcheck(torch.ops.pyinterp.ij_accumulate_.default, _kernel_args(with_jbar))
-    if "triton" in backends():
+    if "triton" in ij_backends():
         torch.library.opcheck(ij_accumulate_triton_, _kernel_args(with_jbar))
 
 
 def test_torch_compile_fullgraph_smoke():
-    backend = "cpu" if "cpu" in backends() else "torch"
+    backend = "cpu" if "cpu" in ij_backends() else "torch"
     grads, weights, delta = make_inputs(3, 2, 5, (9,), dtype=torch.float32)
 
     def step(grads, weights, delta):

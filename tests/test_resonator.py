@@ -7,17 +7,23 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pyinterp import _backend
 from pyinterp.ops.resonator import resonator, resonator_float_triton
 from pyinterp.reference import resonator as reference
 from pyinterp.vsa import (CapacityPoint, CapacityReport, bind, capacity, cli, demo, iteration_cap,
                           random_codebooks, random_problems, similarity, unbind)
 
-CPU = torch.device("cpu")
-HAS_CPU_KERNEL = not _backend.unavailable_reason("cpu", CPU)
-HAS_TRITON = not _backend.unavailable_reason("triton", CPU)
+from helpers import backends
+
+HAS_CPU_KERNEL = "cpu" in backends("resonator")
+# Triton runs on the GPU when there is one, else on CPU tensors under the interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = "triton" in backends("resonator", TRITON_DEVICE)
 needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="pyinterp._C is not built")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not usable here")
+
+
+def on_triton_device(result):
+    return type(result)(*(t.cpu() for t in result))
 
 
 def problems(sizes, dim, batch, seed=0):
@@ -171,7 +177,9 @@ def test_cpu_large_similarities_use_several_limbs():
 def test_triton_matches_reference(variant):
     s, codebooks, _ = problems([5, 7, 3], 40, 4, seed=12)
     expected = resonator(s, codebooks, max_iters=25, backend="torch", **variant)
-    assert_same(resonator(s, codebooks, max_iters=25, backend="triton", **variant), expected)
+    got = resonator(s.to(TRITON_DEVICE), [c.to(TRITON_DEVICE) for c in codebooks], max_iters=25,
+                    backend="triton", **variant)
+    assert_same(on_triton_device(got), expected)
 
 
 @needs_triton
@@ -179,7 +187,9 @@ def test_triton_known_factors_match_reference():
     s, codebooks, targets = problems([6, 9], 48, 3, seed=13)
     known = torch.tensor([[targets[0, 0].item(), -1], [-1, targets[1, 1].item()], [-1, -1]])
     expected = resonator(s, codebooks, max_iters=25, backend="torch", known=known)
-    assert_same(resonator(s, codebooks, max_iters=25, backend="triton", known=known), expected)
+    got = resonator(s.to(TRITON_DEVICE), [c.to(TRITON_DEVICE) for c in codebooks], max_iters=25,
+                    backend="triton", known=known.to(TRITON_DEVICE))
+    assert_same(on_triton_device(got), expected)
 
 
 @pytest.mark.gpu
@@ -373,7 +383,7 @@ def test_opcheck_bits():
 @needs_triton
 def test_opcheck_triton():
     s, codebooks, _ = problems([4, 5], 40, 2, seed=27)
-    stacked = torch.cat(codebooks)
+    s, stacked = s.to(TRITON_DEVICE), torch.cat(codebooks).to(TRITON_DEVICE)
     torch.library.opcheck(resonator_float_triton,
                           (s, stacked, stacked, [4, 5], None, 8, True, "topk", 2, 0, "fixed_point", 0))
 

@@ -6,11 +6,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import pyinterp
-from pyinterp.ops.sparse_decode import sparse_kernels
+from pyinterp.ops.sparse_decode import SPEC
 from pyinterp.reference import sparse_decode as reference
 from helpers import ALL_DTYPES, assert_close_to_float64, backend_device_pairs, exact_like
 
-PAIRS = backend_device_pairs()
+PAIRS = backend_device_pairs("sparse_decode")
 # (N, k, M, D): N = 1, k = 1, k = M, D not a power of two, M not a multiple of 8.
 SHAPES = [(1, 1, 5, 7), (1, 5, 5, 7), (13, 4, 67, 33), (6, 16, 203, 100)]
 
@@ -63,7 +63,7 @@ def test_sparse_t_matmul_matches_reference(backend, device, dtype):
     rows = exact_like((17, 29), seed=9, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(10)
     indices = torch.randint(0, 11, (17, 6), generator=g, dtype=torch.int32).to(device)  # latent 11.. unused
-    weight_grad, coef_sum = sparse_kernels(backend).sparse_t_matmul(coef, indices, rows, 15)
+    weight_grad, coef_sum = SPEC.kernel(backend).sparse_t_matmul(coef, indices, rows, 15)
     ref_grad, ref_sum = reference.sparse_t_matmul(coef.double(), indices, rows.double(), 15)
     assert weight_grad.dtype == dtype and coef_sum.dtype == torch.float32
     torch.testing.assert_close(weight_grad.double(), ref_grad.to(dtype).double(), rtol=0,
@@ -170,6 +170,31 @@ class TestBadInput:
         with pytest.raises(ValueError, match="W_dec is on meta"):
             pyinterp.sparse_decode(self.values, self.indices, self.W_dec.to("meta"))
 
-    def test_empty_batch(self):
-        with pytest.raises(ValueError, match="empty"):
-            pyinterp.sparse_decode(self.values[:0], self.indices[:0], self.W_dec)
+    @pytest.mark.parametrize("backend", [b for b, d in PAIRS if d == "cpu"] + ["torch"])
+    def test_empty_batch_gives_empty_output_and_gradients(self, backend):
+        # Hosts such as sparsify call with 0 rows; the result is (0, D) and every gradient is zero.
+        values = torch.ones(0, 2, requires_grad=True)
+        W_dec = self.W_dec.clone().requires_grad_()
+        out = pyinterp.sparse_decode(values, self.indices[:0], W_dec, torch.zeros(4), backend=backend)
+        assert out.shape == (0, 4)
+        out.sum().backward()
+        assert values.grad.shape == (0, 2) and torch.equal(W_dec.grad, torch.zeros_like(W_dec))
+
+    @pytest.mark.parametrize("backend", [b for b, d in PAIRS if d == "cpu"] + ["torch"])
+    @pytest.mark.parametrize("check_indices", [True, False])
+    def test_int64_indices_are_checked_before_narrowing(self, backend, check_indices):
+        # 2**32 + 3 narrowed to int32 first would decode W_dec[3]; the error reports the value passed.
+        indices = torch.tensor([[2**32 + 3]])
+        with pytest.raises(IndexError, match=str(2**32 + 3)):
+            pyinterp.sparse_decode(torch.ones(1, 1), indices, self.W_dec, backend=backend,
+                                   check_indices=check_indices)
+
+    def test_no_features_or_latents(self):
+        with pytest.raises(ValueError, match="W_dec must be"):
+            pyinterp.sparse_decode(self.values, self.indices, torch.ones(5, 0))
+        with pytest.raises(ValueError, match="W_dec must be"):
+            pyinterp.sparse_decode(self.values, self.indices, torch.ones(0, 4))
+
+    def test_bias_that_is_not_a_tensor(self):
+        with pytest.raises(TypeError, match="b_dec must be a torch.Tensor"):
+            pyinterp.sparse_decode(self.values, self.indices, self.W_dec, [0.0] * 4)

@@ -10,7 +10,7 @@ from pyinterp.reference import topk_encode as reference
 from helpers import (ALL_DTYPES, assert_close_to_float64, backend_device_pairs, exact_like,
                      exact_sae_data)
 
-PAIRS = backend_device_pairs()
+PAIRS = backend_device_pairs("topk_encode")
 # (N, D, M, k): N = 1, k = 1, k = M, D not a power of two, M not a multiple of 8.
 SHAPES = [(1, 7, 5, 1), (1, 7, 5, 5), (13, 33, 67, 4), (6, 100, 203, 16)]
 
@@ -206,6 +206,55 @@ def test_compiles_with_fullgraph(backend, device):
     assert torch.equal(loss.detach(), expected) and W_enc.grad is not None
 
 
+def _power_of_two_scale(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return 2.0 ** torch.randint(-2, 3, (m,), generator=g).to(torch.float64)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("scaled_values", [True, False])
+def test_scale_before_selection_matches_reference_bitwise(backend, device, scaled_values):
+    # Powers of two keep s_i * z_i exact, so folding s into W_enc and b_enc must agree bit for bit.
+    n, d, m, k = 9, 12, 40, 5
+    data = exact_sae_data(n, d, m, device=device, seed=3)
+    scale = _power_of_two_scale(m, 4).to(device=device, dtype=torch.float32)
+    dead = (torch.arange(m, device=device) % 3 == 0)
+    got = _run(backend, device, data, k, scale=scale, scaled_values=scaled_values, dead_mask=dead, k_aux=4)
+    want = _run("torch", device, data, k, scale=scale, scaled_values=scaled_values, dead_mask=dead, k_aux=4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_scale_changes_the_selection():
+    # Latent 1 has the larger z; scaling latent 0 by 4 makes it win the single slot.
+    x = torch.tensor([[1.0]])
+    W_enc = torch.tensor([[1.0], [2.0]])
+    values, indices = pyinterp.topk_encode(x, W_enc, None, 1, scale=torch.tensor([4.0, 1.0]),
+                                           backend="torch")
+    assert indices.tolist() == [[0]] and values.tolist() == [[4.0]]
+    values, _ = pyinterp.topk_encode(x, W_enc, None, 1, scale=torch.tensor([4.0, 1.0]), scaled_values=False)
+    assert values.tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("backend", [b for b, dev in PAIRS if dev == "cpu" and b != "triton"])
+def test_scale_gradients_match_float64_reference(backend):  # the Triton encoder has no float64 path
+    n, d, m, k = 7, 10, 30, 4
+    data = exact_sae_data(n, d, m, dtype=torch.float64, seed=5)
+    scale = (torch.rand(m, generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 0.5)
+
+    def grads(run_backend):
+        leaves = {name: data[name].clone().requires_grad_() for name in ("x", "W_enc", "b_enc", "b_dec")}
+        leaves["scale"] = scale.clone().requires_grad_()
+        values, _ = pyinterp.topk_encode(leaves["x"], leaves["W_enc"], leaves["b_enc"], k,
+                                         b_dec=leaves["b_dec"], scale=leaves["scale"], backend=run_backend)
+        (values * torch.arange(1.0, k + 1, dtype=torch.float64)).sum().backward()
+        return {name: leaf.grad for name, leaf in leaves.items()}
+
+    got, want = grads(backend), grads("torch")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 9), d=st.integers(1, 40), m=st.integers(1, 70), data=st.data())
 def test_hypothesis_shapes_match_reference(n, d, m, data):
@@ -252,9 +301,35 @@ class TestBadInput:
         with pytest.raises(ValueError, match="W_enc is on meta"):
             self.call(W_enc=self.data["W_enc"].to("meta"))
 
-    def test_empty_batch(self):
-        with pytest.raises(ValueError, match="empty"):
-            self.call(x=torch.zeros(0, 6))
+    @pytest.mark.parametrize("backend", [b for b, d in PAIRS if d == "cpu"] + ["torch"])
+    def test_empty_batch_gives_empty_outputs_and_gradients(self, backend):
+        x = torch.zeros(0, 6, requires_grad=True)
+        W_enc = self.data["W_enc"].clone().requires_grad_()
+        values, indices, aux_values, aux_indices = self.call(
+            x=x, W_enc=W_enc, dead_mask=torch.ones(10, dtype=torch.bool), k_aux=2, backend=backend)
+        assert values.shape == indices.shape == (0, 3) and aux_values.shape == aux_indices.shape == (0, 2)
+        assert indices.dtype == aux_indices.dtype == torch.int32
+        (values.sum() + aux_values.sum()).backward()
+        assert x.grad.shape == (0, 6) and torch.equal(W_enc.grad, torch.zeros_like(W_enc))
+
+    def test_no_features(self):
+        with pytest.raises(ValueError, match="W_enc must be"):
+            self.call(x=torch.zeros(4, 0), W_enc=torch.zeros(10, 0), b_enc=None)
+
+    @pytest.mark.parametrize("name", ["b_enc", "b_dec", "dead_mask", "scale"])
+    def test_optional_arguments_that_are_not_tensors(self, name):
+        import numpy as np
+
+        for bad in ([0.0] * 10, np.zeros(10, dtype=np.float32)):
+            with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor"):
+                self.call(**{name: bad})
+
+    @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+    def test_scale_must_be_positive_and_finite(self, bad):
+        scale = torch.ones(10)
+        scale[3] = bad
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            self.call(scale=scale)
 
     def test_aux_needs_dead_mask_of_the_right_kind(self):
         with pytest.raises(ValueError, match="dead_mask"):

@@ -16,43 +16,13 @@ per element (wide tiles, few programs there).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from pyinterp._dtypes import accumulator_dtype
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _check_float(op: str, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, "
-                            f"got {t.dtype}")
-
-
-@triton.jit
-def _to_out(v, OUT: tl.constexpr):
-    """Cast an fp32/fp64 result to the output dtype, rounding to nearest-even for bf16.
-
-    The Triton interpreter truncates fp32->bf16; rounding the bits by hand first makes the cast
-    exact on every backend (NaN is kept as is: adding to its bits could turn it into a number)."""
-    if OUT == tl.bfloat16:
-        v = v.to(tl.float32)
-        is_nan = v != v
-        bits = tl.where(is_nan, 0, v.to(tl.int32, bitcast=True))
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        v = tl.where(is_nan, v, bits.to(tl.float32, bitcast=True))
-    return v.to(OUT)
+from ._common import accumulator, check_float, interpreting, pow2, to_out
 
 
 @triton.jit
@@ -78,7 +48,7 @@ def _gather_sum_kernel(val_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, N, K, D,
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-             _to_out(out, out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+             to_out(out, out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -97,7 +67,7 @@ def _gather_dot_kernel(g_ptr, idx_ptr, w_ptr, out_ptr, NK, K, D,
         g = tl.load(g_rows + cols[None, :], mask=ok, other=0.0).to(ACC)
         w = tl.load(w_rows + cols[None, :], mask=ok, other=0.0).to(ACC)
         acc += g * w
-    tl.store(out_ptr + pairs, _to_out(tl.sum(acc, axis=1), out_ptr.dtype.element_ty), mask=p_ok)
+    tl.store(out_ptr + pairs, to_out(tl.sum(acc, axis=1), out_ptr.dtype.element_ty), mask=p_ok)
 
 
 @triton.jit
@@ -122,19 +92,15 @@ def _segment_sum_kernel(coef_ptr, perm_ptr, seg_ptr, rows_ptr, out_ptr, csum_ptr
         acc += c[:, None] * r
         cacc += c
     tl.store(out_ptr + lats.to(tl.int64)[:, None] * D + cols[None, :],
-             _to_out(acc, out_ptr.dtype.element_ty), mask=lat_ok[:, None] & col_ok[None, :])
+             to_out(acc, out_ptr.dtype.element_ty), mask=lat_ok[:, None] & col_ok[None, :])
     if tl.program_id(1) == 0:
         tl.store(csum_ptr + lats, cacc, mask=lat_ok)
-
-
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
 
 
 def gather_sum(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
     """out[n] = sum_j values[n,j] * weight[indices[n,j]] (+ bias); (N, D) in values' dtype."""
-    _check_float("gather_sum", values=values, weight=weight, bias=bias)
+    check_float("gather_sum", values=values, weight=weight, bias=bias)
     values, indices, weight = values.contiguous(), indices.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     N, K = indices.shape
@@ -144,12 +110,12 @@ def gather_sum(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor
         return out
     if K == 0:
         return out.copy_(bias.expand(N, D)) if bias is not None else out.zero_()
-    acc = _acc_dtype(values.dtype)
-    if _interpreting():
-        block_r, block_k, block_d = min(64, _pow2(N)), min(32, _pow2(K)), min(128, _pow2(D))
+    acc = accumulator(values.dtype)
+    if interpreting():
+        block_r, block_k, block_d = min(64, pow2(N)), min(32, pow2(K)), min(128, pow2(D))
         warps = 4
     else:  # one row, 8 gathered weight rows of 512 contiguous columns in flight per program
-        block_r, block_k, block_d, warps = 1, 8, min(512, _pow2(D)), 4
+        block_r, block_k, block_d, warps = 1, 8, min(512, pow2(D)), 4
     grid = (triton.cdiv(N, block_r), triton.cdiv(D, block_d))
     _gather_sum_kernel[grid](values, indices, weight, bias if bias is not None else values, out,
                              N, K, D, HAS_BIAS=bias is not None, ACC=acc, BLOCK_R=block_r,
@@ -159,7 +125,7 @@ def gather_sum(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor
 
 def gather_dot(grad: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out[n,j] = <grad[n], weight[indices[n,j]]>; (N, k) in grad's dtype."""
-    _check_float("gather_dot", grad=grad, weight=weight)
+    check_float("gather_dot", grad=grad, weight=weight)
     grad, indices, weight = grad.contiguous(), indices.contiguous(), weight.contiguous()
     N, K = indices.shape
     D = grad.shape[1]
@@ -168,11 +134,11 @@ def gather_dot(grad: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor) 
         return out
     if D == 0:
         return out.zero_()
-    acc = _acc_dtype(grad.dtype)
-    if _interpreting():
-        block_p, block_d, warps = min(1024, _pow2(N * K)), min(128, _pow2(D)), 4
+    acc = accumulator(grad.dtype)
+    if interpreting():
+        block_p, block_d, warps = min(1024, pow2(N * K)), min(128, pow2(D)), 4
     else:
-        block_p, block_d, warps = 16, min(256, _pow2(D)), 4
+        block_p, block_d, warps = 16, min(256, pow2(D)), 4
     grid = (triton.cdiv(N * K, block_p),)
     _gather_dot_kernel[grid](grad, indices, weight, out, N * K, K, D, ACC=acc,
                              BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps)
@@ -183,14 +149,14 @@ def sparse_t_matmul(coef: torch.Tensor, indices: torch.Tensor, rows: torch.Tenso
                     num_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
     """weight_grad[i] = sum_{(n,j): indices[n,j]=i} coef[n,j] * rows[n]: (num_latents, D) in rows'
     dtype; coef_sum[i] = sum of those coef[n,j]: fp32 (fp64 for fp64 rows). Deterministic."""
-    _check_float("sparse_t_matmul", coef=coef, rows=rows)
+    check_float("sparse_t_matmul", coef=coef, rows=rows)
     coef, indices, rows = coef.contiguous(), indices.contiguous(), rows.contiguous()
     N, K = indices.shape
     D = rows.shape[1]
     L = int(num_latents)
-    acc = _acc_dtype(rows.dtype)
+    acc = accumulator(rows.dtype)
     weight_grad = torch.empty((L, D), dtype=rows.dtype, device=rows.device)
-    coef_sum = torch.empty((L,), dtype=torch.float64 if acc == tl.float64 else torch.float32,
+    coef_sum = torch.empty((L,), dtype=accumulator_dtype(rows.dtype),
                            device=rows.device)
     if L == 0:
         return weight_grad, coef_sum
@@ -199,10 +165,10 @@ def sparse_t_matmul(coef: torch.Tensor, indices: torch.Tensor, rows: torch.Tenso
     sorted_idx, perm = torch.sort(indices.reshape(-1), stable=True)
     bounds = torch.arange(L + 1, device=rows.device, dtype=sorted_idx.dtype)
     seg = torch.searchsorted(sorted_idx, bounds)
-    if _interpreting():
-        block_l, block_d, warps = min(512, _pow2(L)), min(128, _pow2(D)), 4
+    if interpreting():
+        block_l, block_d, warps = min(512, pow2(L)), min(128, pow2(D)), 4
     else:
-        block_l, block_d, warps = 4, min(1024, _pow2(D)), 4
+        block_l, block_d, warps = 4, min(1024, pow2(D)), 4
     grid = (triton.cdiv(L, block_l), max(1, triton.cdiv(D, block_d)))
     _segment_sum_kernel[grid](coef, perm, seg, rows, weight_grad, coef_sum, L, K, D, ACC=acc,
                               BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps)

@@ -26,20 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .sparse_decode import _to_out
+from ._common import interpreting, pow2, to_out
 
 _SENT = tl.constexpr(-(2**63))  # below every real key (the key of -inf is about -2^63 + 2^55)
 _NEG_INF = tl.constexpr(float("-inf"))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +224,7 @@ def _finalize_kernel(cand_ptr, val_ptr, idx_ptr, N, width, k,
     out_cols = tl.arange(0, 2**LOG_K)
     out = rows.to(tl.int64)[:, None] * k + out_cols[None, :]
     ok = row_ok[:, None] & (out_cols < k)[None, :]
-    tl.store(val_ptr + out, _to_out(tl.maximum(z, 0.0), val_ptr.dtype.element_ty), mask=ok)
+    tl.store(val_ptr + out, to_out(tl.maximum(z, 0.0), val_ptr.dtype.element_ty), mask=ok)
     tl.store(idx_ptr + out, lat, mask=ok)
 
 
@@ -252,10 +247,6 @@ def _log2(n: int) -> int:
     return max(int(n), 1).bit_length() - 1
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -263,13 +254,13 @@ def _sm_count(device_index: int) -> int:
 
 def default_config(N: int, M: int, D: int, K: int, KA: int, device: torch.device) -> EncodeConfig:
     """K, KA: padded list sizes (KA = 0 without aux)."""
-    if _interpreting():
+    if interpreting():
         # The interpreter pays per operation, not per element: few, wide tiles. Two splits when
         # there are two tiles, so the split-merge path is exercised too.
-        block_m = min(512, max(128, _pow2(max(K, KA))))
+        block_m = min(512, max(128, pow2(max(K, KA))))
         tiles = triton.cdiv(M, block_m)
-        return EncodeConfig(block_n=max(16, min(64, _pow2(N))), block_m=block_m,
-                            block_d=max(16, min(64, _pow2(D))), splits=min(2, tiles),
+        return EncodeConfig(block_n=max(16, min(64, pow2(N))), block_m=block_m,
+                            block_d=max(16, min(64, pow2(D))), splits=min(2, tiles),
                             extract_max=16)
     # GPU (H100 class), untuned: chosen from ptxas reports for sm_90a at 8 warps (255 registers;
     # no or tens-of-bytes spills without aux, under 1 KB with k_aux <= 256). The 64-bit key
@@ -314,8 +305,8 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     if N == 0:
         return values, indices, aux_values, aux_indices
 
-    K = _pow2(max(k, 2))
-    KA = _pow2(max(k_aux, 2)) if k_aux else 0
+    K = pow2(max(k, 2))
+    KA = pow2(max(k_aux, 2)) if k_aux else 0
     cfg = config or default_config(N, M, D, K, KA, dev)
     block_m = cfg.block_m
     lat_per_split = triton.cdiv(triton.cdiv(M, block_m), cfg.splits) * block_m
@@ -331,7 +322,7 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     b_dec = None if b_dec is None else b_dec.contiguous()
     # bf16 tl.dot gives garbage under the interpreter: feed it fp32 there.
     dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
-                 torch.bfloat16: tl.float32 if _interpreting() else tl.bfloat16}[x.dtype]
+                 torch.bfloat16: tl.float32 if interpreting() else tl.bfloat16}[x.dtype]
 
     cand = torch.empty((N, splits, K), dtype=torch.int64, device=dev)
     aux_cand = torch.empty((N, splits, KA), dtype=torch.int64, device=dev) if has_aux else cand
@@ -353,11 +344,11 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
 def _finalize(cand: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k: int, K: int):
     N, splits, _ = cand.shape
     width = splits * K
-    log_w = _log2(_pow2(width))
+    log_w = _log2(pow2(width))
     # Bound the (rows, width) key tile: ~4K keys per program on GPU, one program per call when
     # interpreting.
-    budget = 1 << 16 if _interpreting() else 1 << 12
-    block_r = max(1, min(_pow2(N), budget >> log_w))
+    budget = 1 << 16 if interpreting() else 1 << 12
+    block_r = max(1, min(pow2(N), budget >> log_w))
     _finalize_kernel[(triton.cdiv(N, block_r),)](
         cand, values, indices, N, width, k, LOG_W=log_w, LOG_K=_log2(K), BLOCK_R=block_r,
         num_warps=4)

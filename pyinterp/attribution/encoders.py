@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from pyinterp.attribution.integrated import IntegratedJacobian, integrate_batch
 from pyinterp.attribution.quadrature import check_method
+from pyinterp.models import forward_inputs, transformer_layers
 
 SIMILARITIES = ("cosine", "dot")
 # Default path samples per pass: as many as make this many token rows, which bounds the activations
 # kept for one backward (about 0.25 GB for the upper half of a 384-wide, 6-layer encoder).
 TOKENS_PER_PASS = 2048
-
-
-def _find_layers(transformer: nn.Module) -> tuple[nn.Module, str]:
-    """The module holding the encoder's nn.ModuleList of layers, and that attribute's name."""
-    for path in ("encoder", "transformer", ""):
-        owner = transformer.get_submodule(path) if path else transformer
-        for name in ("layer", "layers"):
-            if isinstance(getattr(owner, name, None), nn.ModuleList):
-                return owner, name
-    raise TypeError(f"explain_pair: cannot find the layer list of {type(transformer).__name__} "
-                    "(looked for encoder.layer, transformer.layer, layers)")
 
 
 class EncoderAdapter:
@@ -52,8 +42,10 @@ class EncoderAdapter:
         self.embeddings = getattr(self.transformer, "embeddings", None)
         if not isinstance(self.embeddings, nn.Module):
             raise TypeError(f"explain_pair: {type(self.transformer).__name__} has no embeddings module")
-        self.layer_owner, self.layer_attr = _find_layers(self.transformer)
-        self.num_layers = len(getattr(self.layer_owner, self.layer_attr))
+        layers_path, layers = transformer_layers(self.transformer)
+        owner_path, _, self.layer_attr = layers_path.rpartition(".")
+        self.layer_owner = self.transformer.get_submodule(owner_path)
+        self.num_layers = len(layers)
         self.device = next(self.transformer.parameters()).device
 
     def check_layer(self, layer: int, where: str) -> int:
@@ -66,8 +58,7 @@ class EncoderAdapter:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in batch.items()
-                if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return {k: v.to(self.device) for k, v in forward_inputs(self.transformer, batch).items()}
 
     def blank_references(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """[CLS, PAD, ..., PAD, SEP] of each input's own length, attending to all its positions."""
@@ -135,11 +126,12 @@ class TextAttribution:
 def attribute_texts(model, texts: Sequence[str], *, layer: Optional[int] = None, n_steps: int = 10,
                     method: str = "gauss_legendre", reference: Optional[Sequence[str]] = None,
                     mode: str = "auto", chunk_size: Optional[int] = None, return_jbar: bool = False,
-                    tokenizer=None, backend: str = "auto",
-                    where: str = "attribute_texts") -> list[TextAttribution]:
+                    tokenizer=None, backend: str = "auto", where: str = "attribute_texts",
+                    check_states: Optional[Callable[[Tensor], None]] = None) -> list[TextAttribution]:
     """Integrated Jacobian of the sentence embedding with respect to the input of layer `layer`
     (default: the middle layer), for several texts at once. chunk_size: path samples per pass
-    (default: TOKENS_PER_PASS // tokens)."""
+    (default: TOKENS_PER_PASS // tokens). check_states: called with the layer states (2T, S, D) of
+    the texts and references before the path passes, to reject what does not fit them early."""
     adapter = EncoderAdapter(model, tokenizer)
     layer = adapter.check_layer(adapter.num_layers // 2 if layer is None else layer, where)
     check_method(method, n_steps, where)
@@ -160,6 +152,8 @@ def attribute_texts(model, texts: Sequence[str], *, layer: Optional[int] = None,
     with eval_mode(model_for_eval), torch.no_grad():
         both = {k: torch.cat([features[k], ref_features[k]]) for k in features}
         states = adapter.states_at(both, layer)
+    if check_states is not None:
+        check_states(states)
     xs, refs = states[:len(texts)], states[len(texts):]
     holder = [None]
 
@@ -240,7 +234,7 @@ class PairExplanation:
 
 def pair_explanation(a: TextAttribution, b: TextAttribution, emb_a: Tensor, emb_b: Tensor, *,
                      similarity: str, layer: int, feature_pairs: bool = False) -> PairExplanation:
-    """Combine two texts' attributions (the factorised A_tok = P_a^T P_b; attribution.md)."""
+    """Combine two texts' attributions (the factorised A_tok = P_a^T P_b; docs/attribution.md, "Pairs")."""
     ra, rb = a.result, b.result
     scale = 1.0
     if similarity == "cosine":

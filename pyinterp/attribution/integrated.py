@@ -1,6 +1,6 @@
 """Integrated Jacobians (vector-output integrated gradients) of any batched callable.
 
-For g: R^{S x D} -> R^E, input x and reference r (Delta = x - r), attribution.md defines
+For g: R^{S x D} -> R^E, input x and reference r (Delta = x - r), docs/attribution.md defines
     Jbar = int_0^1 J_g(r + a * Delta) da  ~  sum_k w_k J_g(r + a_k * Delta)        (E, S, D)
     P[e, s] = sum_d Jbar[e, s, d] * Delta[s, d]                                      (E, S)
     eps = P @ 1_S - (g(x) - g(r))                        completeness residual, returned for free
@@ -24,10 +24,10 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pyinterp._validation import FLOAT_DTYPES, check_int, check_tensor
+from pyinterp._dtypes import FLOAT_DTYPES, accumulator_dtype
+from pyinterp._validation import check_int, check_tensor
 from pyinterp.attribution.quadrature import check_method, nodes_and_weights
 from pyinterp.ops.ij_accumulate import ij_accumulate
-from pyinterp.reference.ij_accumulate import accumulator_dtype
 
 MODES = ("auto", "vjp", "jvp")
 # One forward-mode sample costs about this many reverse-mode samples (PyTorch 2.13 on CPU, BERT layers:

@@ -3,7 +3,7 @@
 Nodes are built from integer indices (k / N), never from a float arange: arange(1, 0, -1/N) returns
 N + 1 points for some N (49, 98) because of rounding in the step. All weights sum to 1 (a popular
 library's trapezoid rule uses 1/N with halved endpoints, which sums to 1 - 1/N and biases
-attributions low; see attribution.md)."""
+attributions low; see docs/attribution.md, "Quadrature")."""
 from __future__ import annotations
 
 import numpy as np

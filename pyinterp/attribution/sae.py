@@ -9,7 +9,8 @@ onto the straight path r + a * Delta in h, and by the chain rule
 with Jbar the integrated Jacobian over h (one reverse-mode pass accumulated by ij_accumulate). They sum
 to P[:, s] exactly. Only latents active at the input or the reference can contribute.
 
-The SAE is given as plain tensors with a plain-torch top-k encoder (no dependency on pyinterp's SAE ops)."""
+The SAE is a pyinterp.nn.TopKSAE (or BatchTopKSAE, in its inference form), encoded by pyinterp's
+fused ops, so ties among pre-activations go to the lower latent index as everywhere (docs/sae.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,38 +19,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from pyinterp._validation import check_int, check_shape, check_tensor
-from pyinterp.attribution.encoders import TextAttribution, attribute_texts
+from pyinterp.attribution.encoders import TextAttribution, attribute_texts, eval_mode
 from pyinterp.attribution.integrated import IntegratedJacobian
-
-
-@dataclass
-class SparseAutoencoder:
-    """Top-k SAE: z = TopK(ReLU((h - b_dec) W_enc^T + b_enc)), h_hat = z W_dec + b_dec.
-    W_enc, W_dec: (M, D); b_enc: (M,); b_dec: (D,)."""
-    W_enc: Tensor
-    b_enc: Tensor
-    W_dec: Tensor
-    b_dec: Tensor
-    k: int
-
-    def __post_init__(self):
-        where = "SparseAutoencoder"
-        check_tensor(where, "W_enc", self.W_enc, ndim=2)
-        latents, width = self.W_enc.shape
-        check_shape(where, "W_dec", self.W_dec, (latents, width))
-        check_shape(where, "b_enc", self.b_enc, (latents,))
-        check_shape(where, "b_dec", self.b_dec, (width,))
-        check_int(where, "k", self.k, low=1, high=latents, meaning="active latents per token")
-
-    def encode(self, h: Tensor) -> Tensor:
-        """Dense codes (..., M) with at most k non-zeros per row."""
-        pre = (h - self.b_dec) @ self.W_enc.T + self.b_enc
-        values, indices = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
-
-    def decode(self, z: Tensor) -> Tensor:
-        return z @ self.W_dec + self.b_dec
+from pyinterp.nn.sae import TopKSAE
 
 
 @dataclass
@@ -77,19 +49,42 @@ class SAEAttribution:
         return torch.stack(columns, 1), labels
 
 
-def sae_feature_attribution(attribution: TextAttribution, sae: SparseAutoencoder) -> SAEAttribution:
+def check_sae(sae, width: int, device: torch.device, where: str) -> None:
+    if not isinstance(sae, TopKSAE):
+        raise TypeError(f"{where}: sae must be a pyinterp.nn.TopKSAE or BatchTopKSAE (TopKSAE.load(folder) "
+                        f"reads one saved by pyinterp or sparsify), got {type(sae).__name__}")
+    if sae.d_model != width:
+        raise ValueError(f"{where}: the SAE's d_model {sae.d_model} differs from the layer's width {width}")
+    if sae.W_dec.device != device:
+        raise ValueError(f"{where}: the SAE is on {sae.W_dec.device} but the layer states are on {device}; "
+                         "move one of them (sae.to(device))")
+
+
+@torch.no_grad()
+def codes_and_reconstruction(sae: TopKSAE, h: Tensor) -> tuple[Tensor, Tensor]:
+    """(z, h_hat): the dense latent code (..., n_latents) of h (..., d_model) and its decoding, by the
+    SAE's own ops in its inference form (BatchTopK: its threshold), at the SAE's dtype."""
+    with eval_mode(sae):
+        values, indices = sae.encode(h)
+        reconstruction = sae.decode(values, indices)
+    codes = values.new_zeros(*values.shape[:-1], sae.n_latents).scatter_(-1, indices.long(), values)
+    return codes, reconstruction
+
+
+def sae_feature_attribution(attribution: TextAttribution, sae: TopKSAE) -> SAEAttribution:
     """Split one text's integrated Jacobian (computed with return_jbar=True) over the SAE's latents."""
+    where = "sae_feature_attribution"
     result = attribution.result
     if result.jbar is None:
-        raise ValueError("sae_feature_attribution: the attribution needs Jbar (return_jbar=True)")
-    if sae.W_dec.shape[1] != attribution.x.shape[-1]:
-        raise ValueError(f"sae_feature_attribution: the SAE's width {sae.W_dec.shape[1]} differs from the "
-                         f"layer's width {attribution.x.shape[-1]}")
+        raise ValueError(f"{where}: the attribution needs Jbar (return_jbar=True)")
+    check_sae(sae, attribution.x.shape[-1], attribution.x.device, where)
     acc = result.jbar.dtype
-    x, r = attribution.x.to(sae.W_dec.dtype), attribution.reference.to(sae.W_dec.dtype)
-    z_x, z_r = sae.encode(x), sae.encode(r)
+    W_dec = sae.W_dec.detach()
+    x, r = attribution.x.to(W_dec.dtype), attribution.reference.to(W_dec.dtype)
+    z_x, x_hat = codes_and_reconstruction(sae, x)
+    z_r, r_hat = codes_and_reconstruction(sae, r)
     delta_z = (z_x - z_r).to(acc)
-    delta_err = ((x - sae.decode(z_x)) - (r - sae.decode(z_r))).to(acc)
+    delta_err = ((x - x_hat) - (r - r_hat)).to(acc)
     active = (z_x != 0) | (z_r != 0)                                  # (S, M)
     slots = max(int(active.sum(1).max()), 1)
     # active latent ids first in each row, then -1
@@ -97,19 +92,24 @@ def sae_feature_attribution(attribution: TextAttribution, sae: SparseAutoencoder
     used = active.gather(1, order)
     features = torch.where(used, order, torch.full_like(order, -1))
     safe = features.clamp(min=0)
-    directions = sae.W_dec.to(acc)[safe]                              # (S, U, D)
+    directions = W_dec.to(acc)[safe]                                  # (S, U, D)
     contributions = torch.einsum("esd,sud->esu", result.jbar, directions) * \
         (delta_z.gather(1, safe) * used).unsqueeze(0)
     error = torch.einsum("esd,sd->es", result.jbar, delta_err)
     return SAEAttribution(attribution.tokens, features, contributions, error, result)
 
 
-def sae_attribution(model, texts: Sequence[str], sae: SparseAutoencoder, *, layer: Optional[int] = None,
+def sae_attribution(model, texts: Sequence[str], sae: TopKSAE, *, layer: Optional[int] = None,
                     n_steps: int = 10, method: str = "gauss_legendre", reference=None,
                     chunk_size: Optional[int] = None,
                     tokenizer=None, backend: str = "auto") -> list[SAEAttribution]:
-    """Attribute each text's sentence embedding to the SAE latents (and error term) at layer `layer`."""
+    """Attribute each text's sentence embedding to the SAE latents (and error term) at the input of
+    layer `layer` (default: the middle layer). sae: a pyinterp.nn.TopKSAE or BatchTopKSAE trained on
+    that layer's states."""
+    where = "sae_attribution"
     attributions = attribute_texts(model, texts, layer=layer, n_steps=n_steps, method=method,
                                    reference=reference, mode="vjp", chunk_size=chunk_size, return_jbar=True,
-                                   tokenizer=tokenizer, backend=backend, where="sae_attribution")
+                                   tokenizer=tokenizer, backend=backend, where=where,
+                                   check_states=lambda states: check_sae(sae, states.shape[-1], states.device,
+                                                                         where))
     return [sae_feature_attribution(a, sae) for a in attributions]

@@ -14,9 +14,10 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from pyinterp import _validation
+from pyinterp._dtypes import accumulator_dtype
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
-from pyinterp.reference.topk_encode import _compute_dtype, topk_lower_index_ties
+from pyinterp.reference.topk_encode import topk_lower_index_ties
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -39,7 +40,7 @@ class SAEOutput(NamedTuple):
 
 def total_variance(x: Tensor) -> Tensor:
     """||x - mean(x)||^2 over the batch (the FVU denominator), in fp32 or wider."""
-    x = x.to(_compute_dtype(x.dtype))
+    x = x.to(accumulator_dtype(x.dtype))
     return (x - x.mean(0)).pow(2).sum()
 
 
@@ -155,7 +156,7 @@ class TopKSAE(nn.Module):
         values, indices, aux_values, aux_indices, num_dead = self._select(flat, dead_mask)
         (b_dec,) = self._cast(self.b_dec)
         x_hat = self._decode_sum(values, indices) + b_dec
-        target = flat.to(_compute_dtype(flat.dtype))  # losses in fp32 (float64 stays float64)
+        target = flat.to(accumulator_dtype(flat.dtype))  # losses in fp32 (float64 stays float64)
         fvu = (target - x_hat.to(target.dtype)).pow(2).sum() / total_variance(target)
         if aux_values is None:
             aux_loss = fvu.new_zeros(())

@@ -1,1 +1,3 @@
-"""torch.library registration of every op: Triton custom ops, fake functions, public ops with autograd."""
+"""torch.library registration of every op: Triton custom ops, fake functions, public ops with autograd.
+Importing this package registers every op's OpSpec with pyinterp._dispatch."""
+from pyinterp.ops import ij_accumulate, resonator, sparse_decode, topk_encode  # noqa: F401

@@ -14,14 +14,13 @@ custom ops), and its inputs are gradients taken at the end of a backward pass; d
 attribution would need second derivatives of the model, which the attribution loop never builds."""
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from pyinterp import _backend, _extension, _validation
+from pyinterp import _dispatch, _dtypes, _extension, _validation
 from pyinterp.reference import ij_accumulate as reference
 
 OP = "ij_accumulate"
@@ -35,14 +34,29 @@ if _extension.cpu_extension() is not None:  # defines the pyinterp:: schemas (ab
 @torch.library.custom_op("pyinterp::ij_accumulate_triton_", mutates_args=("P", "Jbar"))
 def ij_accumulate_triton_(P: Tensor, Jbar: Optional[Tensor], grads: Tensor, weights: Tensor,
                           delta: Tensor) -> None:
-    # Imported on first use: the interpreter mode must be set before @triton.jit runs.
-    importlib.import_module("pyinterp._kernels.triton.ij_accumulate").ij_accumulate_(
-        P, Jbar, grads, weights, delta)
+    _dispatch.triton_kernels("ij_accumulate").ij_accumulate_(P, Jbar, grads, weights, delta)
 
 
 @ij_accumulate_triton_.register_fake
 def _ij_accumulate_triton_fake(P, Jbar, grads, weights, delta):
     return None
+
+
+# Every kernel adds one chunk into P (and Jbar) in place: (P, Jbar or None, grads, weights, delta).
+def _reference_accumulate_(P: Tensor, Jbar: Optional[Tensor], grads: Tensor, weights: Tensor,
+                           delta: Tensor) -> None:
+    p_chunk, jbar_chunk = reference.ij_accumulate(grads, weights, delta, Jbar is not None)
+    P.add_(p_chunk)
+    if Jbar is not None:
+        Jbar.add_(jbar_chunk)
+
+
+SPEC = _dispatch.register(_dispatch.OpSpec(OP, kernels={
+    "cuda": lambda: torch.ops.pyinterp.ij_accumulate_,
+    "triton": lambda: ij_accumulate_triton_,
+    "cpu": lambda: torch.ops.pyinterp.ij_accumulate_,
+    "torch": lambda: _reference_accumulate_,
+}))
 
 
 def _check_running_sum(name: str, tensor: Optional[Tensor], shape: tuple[int, ...], dtype: torch.dtype,
@@ -80,10 +94,10 @@ def ij_accumulate(grads: Tensor, weights: Tensor, delta: Tensor, *, P: Optional[
     _validation.check_tensor(OP, "delta", delta, dtypes=_validation.FLOAT_DTYPES)
     _validation.check_shape(OP, "delta", delta, (tokens, *features), "grads.shape[2:]")
     _validation.check_same_device(OP, "grads", grads, weights=weights, delta=delta)
-    acc = reference.accumulator_dtype(grads.dtype)
+    acc = _dtypes.accumulator_dtype(grads.dtype)
     _check_running_sum("P", P, (outputs, tokens), acc, grads.device)
     _check_running_sum("Jbar", Jbar, (outputs, tokens, *features), acc, grads.device)
-    backend = _backend.resolve(backend, grads.device, OP)
+    backend = SPEC.resolve(backend, grads.device)
 
     if P is None:
         P = torch.zeros(outputs, tokens, dtype=acc, device=grads.device)
@@ -95,13 +109,5 @@ def ij_accumulate(grads: Tensor, weights: Tensor, delta: Tensor, *, P: Optional[
     delta_acc = delta.reshape(tokens, width).to(acc).contiguous()
     jbar_2d = Jbar.view(outputs, tokens, width) if Jbar is not None else None
 
-    if backend == "torch":
-        p_chunk, jbar_chunk = reference.ij_accumulate(grads_2d, weights_acc, delta_acc, jbar_2d is not None)
-        P.add_(p_chunk)
-        if jbar_2d is not None:
-            jbar_2d.add_(jbar_chunk)
-    elif backend == "triton":
-        ij_accumulate_triton_(P, jbar_2d, grads_2d, weights_acc, delta_acc)
-    else:  # cpu and cuda: the dispatcher picks the kernel registered for the tensors' device
-        torch.ops.pyinterp.ij_accumulate_(P, jbar_2d, grads_2d, weights_acc, delta_acc)
+    SPEC.kernel(backend)(P, jbar_2d, grads_2d, weights_acc, delta_acc)
     return P, Jbar

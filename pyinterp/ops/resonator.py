@@ -12,16 +12,14 @@ The kernels reproduce the reference trajectory exactly: same indices, iterations
 Outputs are integers and flags, so no op here has a gradient."""
 from __future__ import annotations
 
-import importlib
 import math
-import os
 import weakref
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from pyinterp import _backend, _extension, _validation
+from pyinterp import _dispatch, _extension, _validation
 from pyinterp.reference import resonator as reference
 from pyinterp.reference.resonator import ResonatorResult
 
@@ -56,9 +54,7 @@ def resonator_float_triton(s: Tensor, similarity_codebooks: Tensor, projection_c
                            sizes: list[int], known: Optional[Tensor], max_iters: int, parallel: bool,
                            activation: str, k: int, threshold_units: int, stop: str,
                            theta_units: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # Imported on first use: the interpreter mode must be set before @triton.jit runs.
-    kernels = importlib.import_module("pyinterp._kernels.triton.resonator")
-    return kernels.resonator_float(s, similarity_codebooks, projection_codebooks, sizes, known,
+    return _dispatch.triton_kernels("resonator").resonator_float(s, similarity_codebooks, projection_codebooks, sizes, known,
                                    max_iters, parallel, activation, k, threshold_units, stop,
                                    theta_units)
 
@@ -68,24 +64,6 @@ def _resonator_float_triton_fake(s, similarity_codebooks, projection_codebooks, 
                                  max_iters, parallel, activation, k, threshold_units, stop,
                                  theta_units):
     return _empty_outputs(s, len(sizes))
-
-
-def _choice(name: str, value, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{OP}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
-
-
-def _number(name: str, value, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, meaning: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{OP}: {name} must be a finite number, got {value!r}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value >= high):
-        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
-        extra = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{OP}: {name} must be in {bounds}{extra}, got {value}")
-    return float(value)
 
 
 def _codebook_list(codebooks, s: Tensor) -> list[Tensor]:
@@ -183,20 +161,11 @@ def _unsupported(backend: str, *, arithmetic: str, bipolar: bool, phasors: bool,
     return ""
 
 
-def _choose_backend(backend: str, device: torch.device, **request) -> str:
-    if backend == "auto" and os.environ.get("PYINTERP_BACKEND", "auto") == "auto":
-        reasons = []
-        for candidate in _backend.AUTO_ORDER.get(device.type, ("torch",)):
-            why = _backend.unavailable_reason(candidate, device) or _unsupported(candidate, **request)
-            if not why:
-                return candidate
-            reasons.append(f"{candidate}: {why}")
-        raise RuntimeError(f"{OP}: no backend runs this request: " + "; ".join(reasons))
-    chosen = _backend.resolve(backend, device, OP)
-    why = _unsupported(chosen, **request)
-    if why:
-        raise ValueError(f"{OP}: {why}")
-    return chosen
+SPEC = _dispatch.register(_dispatch.OpSpec(OP, kernels={
+    "cuda": lambda: torch.ops.pyinterp.resonator_bits,
+    "triton": lambda: resonator_float_triton,
+    "cpu": lambda: torch.ops.pyinterp.resonator_bits,
+}, supports=_unsupported))
 
 
 def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential",
@@ -236,20 +205,20 @@ def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential
     factors = len(books)
     sizes = [book.shape[0] for book in books]
     _validation.check_int(OP, "max_iters", max_iters, low=1, meaning="sweeps at most")
-    _choice("update", update, UPDATES)
-    _choice("weights", weights, WEIGHTS)
-    _choice("activation", activation, reference.ACTIVATIONS)
-    _choice("stop", stop, STOPS)
-    _choice("arithmetic", arithmetic, ARITHMETICS)
+    _validation.check_choice(OP, "update", update, UPDATES)
+    _validation.check_choice(OP, "weights", weights, WEIGHTS)
+    _validation.check_choice(OP, "activation", activation, reference.ACTIVATIONS)
+    _validation.check_choice(OP, "stop", stop, STOPS)
+    _validation.check_choice(OP, "arithmetic", arithmetic, ARITHMETICS)
     phasors = s.is_complex()
     if activation == "attention":
         if beta is None:
             raise ValueError(f"{OP}: activation='attention' needs beta (the inverse temperature)")
-        beta = _number("beta", beta, low=0, low_open=True)
+        beta = _validation.check_number(OP, "beta", beta, low=0, low_open=True)
     if activation == "threshold":
         if threshold is None:
             raise ValueError(f"{OP}: activation='threshold' needs threshold (a fraction of D)")
-        threshold = _number("threshold", threshold)
+        threshold = _validation.check_number(OP, "threshold", threshold)
     if activation == "topk":
         if k is None:
             raise ValueError(f"{OP}: activation='topk' needs k")
@@ -257,12 +226,13 @@ def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential
     if stop == "similarity":
         if theta is None:
             raise ValueError(f"{OP}: stop='similarity' needs theta (a fraction of D)")
-        theta = _number("theta", theta)
-    noise = _number("noise", noise, low=0)
+        theta = _validation.check_number(OP, "theta", theta)
+    noise = _validation.check_number(OP, "noise", noise, low=0)
     if noise > 0 and (dim + 7 * noise) * reference.similarity_scale(noise) * max(sizes) >= 1 << 53:
         raise ValueError(f"{OP}: noise={noise} is too large for exact sums at D = {dim}, M = "
                          f"{max(sizes)}: (D + 7 * noise) * 2^16 * M_f must stay below 2^53")
-    asymmetry = _number("asymmetry", asymmetry, low=0, high=1, meaning="a fraction of the entries")
+    asymmetry = _validation.check_number(OP, "asymmetry", asymmetry, low=0, high=1,
+                                         meaning="a fraction of the entries")
     _validation.check_int(OP, "detect_cycles", detect_cycles, low=0)
     if detect_cycles == 1:
         raise ValueError(f"{OP}: detect_cycles must be 0 (off) or a longest period >= 2 (period 1 is "
@@ -300,7 +270,7 @@ def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential
         for name, tensor in [("s", s2)] + [(f"codebooks[{f}]", book) for f, book in enumerate(books)]:
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{OP}: {name} holds non-finite values")
-    chosen = _choose_backend(backend, s.device, arithmetic=arithmetic, bipolar=bipolar,
+    chosen = SPEC.resolve(backend, s.device, arithmetic=arithmetic, bipolar=bipolar,
                              phasors=phasors, weights=weights, activation=activation, noise=noise,
                              detect_cycles=detect_cycles, largest=max(sizes), dim=dim)
     if chosen == "torch":
@@ -319,11 +289,11 @@ def resonator(s: Tensor, codebooks, *, max_iters: int, update: str = "sequential
         known_kernel = known2.to(torch.int32).contiguous() if known2 is not None else None
         s_kernel = s2.to(kernel_dtype).contiguous()
         if chosen == "triton":
-            outputs = resonator_float_triton(
+            outputs = SPEC.kernel(chosen)(
                 s_kernel, similarity, projection, sizes, known_kernel, max_iters, update == "parallel",
                 activation, k or 0, threshold_units, stop, theta_units)
         else:
-            outputs = torch.ops.pyinterp.resonator_bits(
+            outputs = SPEC.kernel(chosen)(
                 s_kernel, similarity, projection, sizes, known_kernel, max_iters, update == "parallel",
                 activation, k or 0, threshold_units, noise, seed, stop, theta_units, detect_cycles)
         indices, iterations, converged, cycle, similarities = outputs

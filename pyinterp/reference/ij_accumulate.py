@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for every float dtype but fp64, which keeps its precision (convergence tests need it)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from pyinterp._dtypes import accumulator_dtype
 
 
 def ij_accumulate(grads: Tensor, weights: Tensor, delta: Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pyinterp.reference.topk_encode import _compute_dtype
+from pyinterp._dtypes import accumulator_dtype
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
@@ -14,7 +14,7 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 
 
 def gather_sum(values, indices, weight, bias=None):
-    dtype = _compute_dtype(values.dtype)
+    dtype = accumulator_dtype(values.dtype)
     out = F.embedding_bag(indices.long(), weight.to(dtype), per_sample_weights=values.to(dtype),
                           mode="sum")
     if bias is not None:
@@ -23,18 +23,18 @@ def gather_sum(values, indices, weight, bias=None):
 
 
 def gather_dot(grad, indices, weight):
-    dtype = _compute_dtype(grad.dtype)
+    dtype = accumulator_dtype(grad.dtype)
     rows = weight.to(dtype)[indices.long()]                      # (N, k, D)
     return torch.einsum("nkd,nd->nk", rows, grad.to(dtype)).to(grad.dtype)
 
 
 def sparse_t_matmul(coef, indices, rows, num_latents):
-    dtype = _compute_dtype(rows.dtype)
+    dtype = accumulator_dtype(rows.dtype)
     flat = indices.long().reshape(-1)
     weight_grad = torch.zeros(num_latents, rows.shape[1], dtype=dtype, device=rows.device)
     weight_grad.index_add_(0, flat, (coef.to(dtype)[:, :, None] * rows.to(dtype)[:, None, :])
                            .reshape(-1, rows.shape[1]))
-    coef_sum = torch.zeros(num_latents, dtype=torch.float32 if dtype != torch.float64 else dtype,
+    coef_sum = torch.zeros(num_latents, dtype=accumulator_dtype(dtype),
                            device=rows.device)
     coef_sum.index_add_(0, flat, coef.to(coef_sum.dtype).reshape(-1))
     return weight_grad.to(rows.dtype), coef_sum

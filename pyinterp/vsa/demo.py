@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 
-from pyinterp import _backend
+from pyinterp import _dispatch
 from pyinterp.ops.resonator import resonator
 from pyinterp.vsa.vectors import random_codebooks, random_problems
 
@@ -14,7 +14,7 @@ def demo(dim: int = 1500, factors: int = 3, size: int = 60, batch: int = 512, se
     print accuracy, iterations and speed, with a few decoded rows."""
     codebooks = random_codebooks([size] * factors, dim, seed=seed)
     s, targets = random_problems(codebooks, batch, seed=seed + 1)
-    backend = _backend.resolve("auto", s.device, "resonator")
+    backend = _dispatch.op_spec("resonator").resolve("auto", s.device)
     if backend == "torch":  # no compiled kernels: keep the float64 reference to a few seconds
         s, targets = s[:32], targets[:32]
         batch = 32
