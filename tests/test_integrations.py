@@ -209,18 +209,26 @@ def test_sparsify_revert_and_apply_twice(sparsify):
         integration.apply("fast")
 
 
-def test_sparsify_refuses_other_versions_and_signatures(sparsify, monkeypatch):
-    host, integration = sparsify
-    import sparsify.sparse_coder
-
-    monkeypatch.setattr(integration, "host_version", lambda _: Version("1.4.1"))
-    with pytest.raises(HostMismatch, match=r"eai-sparsify 1\.4\.1 is outside"):
+def assert_refuses(integration, monkeypatch, version, version_match, owner, name, replacement, signature_match):
+    """apply() raises HostMismatch for a host version outside the range, and for a replaced function
+    whose parameters changed; nothing stays patched."""
+    monkeypatch.setattr(integration, "host_version", lambda _: Version(version))
+    with pytest.raises(HostMismatch, match=version_match):
         integration.apply()
     monkeypatch.undo()
-    monkeypatch.setattr(sparsify.sparse_coder, "fused_encoder", lambda input, weight, bias, k: None)
-    with pytest.raises(HostMismatch, match=r"sparsify\.sparse_coder\.fused_encoder of eai-sparsify 1\.3"):
+    monkeypatch.setattr(owner, name, replacement)
+    with pytest.raises(HostMismatch, match=signature_match):
         integration.apply()
     assert not integration.is_applied()
+
+
+def test_sparsify_refuses_other_versions_and_signatures(sparsify, monkeypatch):
+    integration = sparsify[1]
+    import sparsify.sparse_coder as sparse_coder
+
+    assert_refuses(integration, monkeypatch, "1.4.1", r"eai-sparsify 1\.4\.1 is outside", sparse_coder,
+                   "fused_encoder", lambda input, weight, bias, k: None,
+                   r"sparsify\.sparse_coder\.fused_encoder of eai-sparsify 1\.3")
 
 
 def test_sparsify_unsupported_config_raises(sparsify):
@@ -280,4 +288,144 @@ def test_sparsify_training_parity(sparsify):
     with integration.apply("faithful"):
         actual = sparsify_training_run(host, 300)
     assert expected < 0.5  # it learned something
+    assert abs(actual - expected) < 1e-3, (actual, expected)
+
+
+# ---------------------------------------------------------------- dictionary_learning
+@pytest.fixture(scope="module")
+def dictionary_learning():
+    host = pytest.importorskip("dictionary_learning.trainers.top_k",
+                               reason="could not import dictionary_learning (pip install -r requirements-peers.txt "
+                                      "and --no-deps -r requirements-peers-nodeps.txt)")
+    from pyinterp.integrations import dictionary_learning as integration
+    return host, integration
+
+
+def make_trainer(host, width=16, latents=96, k=5, seed=0, dead_after=None, steps=1000):
+    trainer = host.TopKTrainer(steps, width, latents, k, layer=0, lm_name="none", seed=seed, device="cpu",
+                               lr=3e-3, warmup_steps=10, threshold_start_step=5)
+    with torch.no_grad():
+        trainer.ae.encoder.bias.normal_(0, 0.1)
+        trainer.ae.b_dec.normal_(0, 0.1)
+    if dead_after is not None:
+        trainer.dead_feature_threshold = dead_after
+    return trainer
+
+
+def dl_loss_and_grads(trainer, x, step):
+    for p in trainer.ae.parameters():
+        p.grad = None
+    loss = trainer.loss(x, step=step)
+    loss.backward()
+    return loss, grads(trainer.ae)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+@pytest.mark.parametrize("dead", [False, True])
+def test_dictionary_learning_loss_grads_match_host(dictionary_learning, mode, dead):
+    host, integration = dictionary_learning
+    x = torch.randn(33, 16) + 0.5
+    since_fired = torch.where(torch.arange(96) % 2 == 0, 100, 0)  # even latents dead before this step
+    states = []
+    for patched in (False, True):
+        trainer = make_trainer(host, dead_after=50 if dead else 10**9)
+        trainer.num_tokens_since_fired.copy_(since_fired)
+        if patched:
+            with integration.apply(mode, trainer=trainer):
+                loss, g = dl_loss_and_grads(trainer, x, step=10)
+        else:
+            loss, g = dl_loss_and_grads(trainer, x, step=10)
+        states.append((loss, g, trainer.num_tokens_since_fired.clone(), trainer.dead_features,
+                       float(trainer.ae.threshold), trainer.pre_norm_auxk_loss))
+    (expected, expected_g, *expected_state), (actual, actual_g, *actual_state) = states
+    torch.testing.assert_close(actual_state[0], expected_state[0])
+    assert actual_state[1] == expected_state[1] and actual_state[2] == pytest.approx(expected_state[2])
+    if mode == "faithful" or not dead:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        assert_grads_close(actual_g, expected_g, rtol=1e-4, atol=1e-6)
+    else:
+        # fused: the dead mask before this step's firing, so latents reviving now also join AuxK
+        assert not torch.allclose(actual, expected)
+
+
+def test_dictionary_learning_fused_uses_the_mask_before_this_steps_firing(dictionary_learning):
+    """fused's documented difference, as such: its loss is the host's with the dead mask taken
+    before this step's firing is counted."""
+    host, integration = dictionary_learning
+    x = torch.randn(33, 16) + 0.5
+    since_fired = torch.where(torch.arange(96) % 2 == 0, 100, 0)
+    trainer = make_trainer(host, dead_after=50)
+    trainer.num_tokens_since_fired.copy_(since_fired)
+    with integration.apply("fused", trainer=trainer):
+        actual, actual_g = dl_loss_and_grads(trainer, x, step=10)
+    reference = make_trainer(host, dead_after=50)
+    reference.num_tokens_since_fired.copy_(since_fired)
+    dead_before = since_fired >= 50
+    # the host's loss with get_auxiliary_loss seeing the pre-step counts
+    original = reference.get_auxiliary_loss
+
+    def aux_with_mask_before(residual, post_relu):
+        counts = reference.num_tokens_since_fired.clone()
+        reference.num_tokens_since_fired.copy_(torch.where(dead_before, 10**9, 0))
+        try:
+            return original(residual, post_relu)
+        finally:
+            reference.num_tokens_since_fired.copy_(counts)
+
+    reference.get_auxiliary_loss = aux_with_mask_before
+    expected, expected_g = dl_loss_and_grads(reference, x, step=10)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert_grads_close(actual_g, expected_g, rtol=1e-4, atol=1e-6)
+
+
+def test_dictionary_learning_kernels_run_and_revert(dictionary_learning):
+    host, integration = dictionary_learning
+    trainer = make_trainer(host, dead_after=50)
+    trainer.num_tokens_since_fired.fill_(100)
+    x = torch.randn(8, 16)
+    assert pyinterp_ops_called(lambda: dl_loss_and_grads(trainer, x, 10)) == set()
+    original = host.TopKTrainer.loss
+    integration.apply("faithful")
+    try:
+        ops = pyinterp_ops_called(lambda: dl_loss_and_grads(trainer, x, 10))
+        with pytest.raises(RuntimeError, match="already applied"):
+            integration.apply()
+    finally:
+        integration.revert()
+    assert {"pyinterp::topk_encode", "pyinterp::sparse_decode"} <= ops, ops
+    assert host.TopKTrainer.loss is original
+    log = None
+    with integration.apply(trainer=trainer):
+        log = trainer.loss(x, step=10, logging=True)
+    assert log.f.shape == (8, 96) and int((log.f > 0).sum(1).max()) <= 5
+
+
+def test_dictionary_learning_refuses_other_versions_and_signatures(dictionary_learning, monkeypatch):
+    host, integration = dictionary_learning
+    assert_refuses(integration, monkeypatch, "0.2.0", r"dictionary-learning 0\.2\.0 is outside", host.TopKTrainer,
+                   "get_auxiliary_loss", lambda self, residual, acts, extra: None,
+                   r"TopKTrainer\.get_auxiliary_loss of dictionary-learning 0\.1\.0")
+
+
+def test_dictionary_learning_training_parity(dictionary_learning):
+    """The host's own update() (geometric-median init, clipping, Adam, schedule, renorm) for 300 steps,
+    latents dead after 4 batches unfired; eval FVU within 1e-3 of the unpatched host."""
+    host, integration = dictionary_learning
+    g = torch.Generator().manual_seed(0)
+    steps, batch = 300, 64
+    data = sparse_data(steps * batch + 512, 16, 48, 3, g)
+
+    def run():
+        trainer = make_trainer(host, 16, 128, 4, dead_after=4 * batch, steps=steps)
+        for step in range(steps):
+            trainer.update(step, data[step * batch:(step + 1) * batch])
+        held_out = data[-512:]
+        with torch.no_grad():
+            x_hat = trainer.ae(held_out)
+        return float((held_out - x_hat).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum())
+
+    expected = run()
+    with integration.apply("faithful"):
+        actual = run()
+    assert expected < 0.5
     assert abs(actual - expected) < 1e-3, (actual, expected)

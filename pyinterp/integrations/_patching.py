@@ -6,7 +6,6 @@ import importlib.metadata
 import inspect
 from typing import Any, Callable
 
-import torch
 from packaging.version import Version
 
 
@@ -73,22 +72,6 @@ class Patches:
 
     def __exit__(self, *exc) -> None:
         self.revert()
-
-
-# Hosts call their encoder with 0 rows (e.g. an empty last chunk); the ops reject an empty batch, so
-# these give the empty outputs, still in the autograd graph as the host's own would be.
-def empty_codes(x, weight, k: int, k_aux: int = 0) -> tuple:
-    """(values, indices[, aux_values, aux_indices]) with 0 rows; indices int32 as topk_encode's."""
-    values = x[:0] @ weight[:k].mT
-    codes = (values, values.new_zeros(0, k, dtype=torch.int32))
-    if k_aux:
-        codes += (x[:0] @ weight[:k_aux].mT, values.new_zeros(0, k_aux, dtype=torch.int32))
-    return codes
-
-
-def empty_decode(values, W_dec):
-    """The (0, D) reconstruction of 0 rows of codes, W_dec (M, D)."""
-    return values[:, :0] @ W_dec[:0]
 
 
 MODES = ("faithful", "fused")

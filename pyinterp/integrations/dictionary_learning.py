@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from pyinterp.integrations._patching import (ClassPatches, HostMismatch, Patches, check_mode, check_signature,
-                                             check_version, empty_codes, empty_decode, host_version)
+                                             check_version, host_version)
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
 
@@ -65,14 +65,10 @@ def _host():
 
 
 def _encode(x: Tensor, ae, k: int, **aux):
-    if x.shape[0] == 0:
-        return empty_codes(x, ae.encoder.weight, k, aux.get("k_aux", 0))
     return topk_encode(x, ae.encoder.weight, ae.encoder.bias, k, b_dec=ae.b_dec, **aux)
 
 
 def _decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
-    if values.shape[0] == 0:
-        return empty_decode(values, W_dec) + (0 if b_dec is None else b_dec)
     return sparse_decode(values, indices, W_dec, b_dec, check_indices=False)
 
 
@@ -131,7 +127,7 @@ def _make_loss(host, mode: str):
             return total
         f = torch.zeros(x.shape[0], ae.dict_size, dtype=values.dtype, device=values.device)
         f = f.scatter(-1, indices.long(), values)
-        return _LossLog(x, x_hat, f, {"l2_loss": l2_loss.item(), "auxk_loss": float(auxk_loss),
+        return _LossLog(x, x_hat, f, {"l2_loss": l2_loss.item(), "auxk_loss": float(torch.as_tensor(auxk_loss).detach()),
                                       "loss": total.item()})
 
     return loss

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from pyinterp.integrations._patching import (ClassPatches, HostMismatch, Patches, check_mode, check_signature,
-                                             check_version, empty_codes, empty_decode, host_version)
+                                             check_version, host_version)
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
 
@@ -76,18 +76,14 @@ def _compute_dtype(reference: Tensor) -> torch.dtype:
 
 
 def _encode(x: Tensor, weight: Tensor, bias: Tensor, k: int, b_dec: Tensor | None, **aux):
-    """topk_encode in the host's compute dtype; an empty batch gives empty outputs."""
+    """topk_encode in the host's compute dtype."""
     dtype = _compute_dtype(weight)
     x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     b_dec = None if b_dec is None else b_dec.to(dtype)
-    if x.shape[0] == 0:
-        return empty_codes(x, weight, k, aux.get("k_aux", 0))
     return topk_encode(x, weight, bias, k, b_dec=b_dec, **aux)
 
 
 def _decode(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor) -> Tensor:
-    if top_acts.shape[0] == 0:
-        return empty_decode(top_acts, W_dec)
     return sparse_decode(top_acts, top_indices, W_dec, check_indices=False)
 
 
