@@ -13,6 +13,7 @@ from packaging.version import Version
 # sparsify picks its decoder once, at import: its Triton decoder needs a GPU.
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
+import pyinterp.integrations._patching  # noqa: E402
 from pyinterp.integrations import HostMismatch  # noqa: E402
 
 
@@ -47,6 +48,12 @@ def sparse_data(rows: int, width: int, atoms: int, active: int, generator) -> to
     chosen = torch.rand(rows, atoms, generator=generator).argsort(dim=1)[:, :active]
     weights = torch.rand(rows, active, generator=generator) + 0.5
     return torch.einsum("na,nad->nd", weights, dictionary[chosen]) + 0.3
+
+
+@torch.no_grad()
+def held_out_fvu(autoencoder, x: torch.Tensor) -> float:
+    """Fraction of variance unexplained of a module whose forward returns the reconstruction."""
+    return float((x - autoencoder(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
 # ---------------------------------------------------------------- EleutherAI sparsify
@@ -212,7 +219,7 @@ def test_sparsify_revert_and_apply_twice(sparsify):
 def assert_refuses(integration, monkeypatch, version, version_match, owner, name, replacement, signature_match):
     """apply() raises HostMismatch for a host version outside the range, and for a replaced function
     whose parameters changed; nothing stays patched."""
-    monkeypatch.setattr(integration, "host_version", lambda _: Version(version))
+    monkeypatch.setattr(pyinterp.integrations._patching, "host_version", lambda _: Version(version))
     with pytest.raises(HostMismatch, match=version_match):
         integration.apply()
     monkeypatch.undo()
@@ -419,10 +426,133 @@ def test_dictionary_learning_training_parity(dictionary_learning):
         trainer = make_trainer(host, 16, 128, 4, dead_after=4 * batch, steps=steps)
         for step in range(steps):
             trainer.update(step, data[step * batch:(step + 1) * batch])
-        held_out = data[-512:]
-        with torch.no_grad():
-            x_hat = trainer.ae(held_out)
-        return float((held_out - x_hat).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum())
+        return held_out_fvu(trainer.ae, data[-512:])
+
+    expected = run()
+    with integration.apply("faithful"):
+        actual = run()
+    assert expected < 0.5
+    assert abs(actual - expected) < 1e-3, (actual, expected)
+
+
+# ---------------------------------------------------------------- SAELens
+@pytest.fixture(scope="module")
+def saelens():
+    host = pytest.importorskip("sae_lens.saes.topk_sae", reason="could not import sae_lens "
+                                                                 "(pip install -r requirements-peers.txt)")
+    from sae_lens.saes.sae import TrainStepInput
+
+    from pyinterp.integrations import saelens as integration
+    return host, integration, TrainStepInput
+
+
+def make_saelens(host, width=16, latents=96, k=5, dtype="float64", seed=0, **cfg):
+    torch.manual_seed(seed)
+    sae = host.TopKTrainingSAE(host.TopKTrainingSAEConfig(d_in=width, d_sae=latents, k=k, dtype=dtype,
+                                                          device="cpu", **cfg))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.W_dec.mul_(torch.rand(latents, 1, dtype=sae.W_dec.dtype) + 0.5)  # rows of unequal norm
+    return sae
+
+
+def saelens_step(sae, TrainStepInput, x, dead_mask):
+    for p in sae.parameters():
+        p.grad = None
+    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead_mask,
+                                                   n_training_steps=0, is_logging_step=False))
+    out.loss.backward()
+    return out, grads(sae)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("num_dead", [0, 40])
+def test_saelens_training_forward_matches_host(saelens, mode, rescale, num_dead):
+    host, integration, TrainStepInput = saelens
+    sae = make_saelens(host, rescale_acts_by_decoder_norm=rescale)
+    x = torch.randn(31, 16, dtype=torch.float64) + 0.5
+    dead_mask = torch.arange(96) < num_dead
+    expected, expected_grads = saelens_step(sae, TrainStepInput, x, dead_mask)
+    with integration.apply(mode):
+        actual, actual_grads = saelens_step(sae, TrainStepInput, x, dead_mask)
+    assert actual.hidden_pre is None
+    assert actual.feature_acts.is_sparse == (mode == "fused")
+    torch.testing.assert_close(actual.feature_acts.to_dense(), expected.feature_acts)
+    torch.testing.assert_close(actual.sae_out, expected.sae_out)
+    torch.testing.assert_close(actual.losses["mse_loss"], expected.losses["mse_loss"])
+    assert actual.losses.keys() == expected.losses.keys()
+    if mode == "faithful" or num_dead == 0:
+        torch.testing.assert_close(actual.loss, expected.loss)
+        assert_grads_close(actual_grads, expected_grads)
+    if num_dead:
+        assert float(expected.losses["auxiliary_reconstruction_loss"].detach()) > 0
+
+
+def test_saelens_fused_auxk_uses_relu_pre_activations(saelens):
+    """fused's documented difference, as such: its AuxK is the host's computed on the ReLU'd
+    pre-activations (negative dead latents contribute zero)."""
+    host, integration, TrainStepInput = saelens
+    sae = make_saelens(host)
+    x = torch.randn(31, 16, dtype=torch.float64) + 0.5
+    dead_mask = torch.arange(96) % 2 == 0
+    feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
+    sae_out = sae.decode(feature_acts)
+    mse = sae.mse_loss_fn(sae_out, x).sum(-1).mean()
+    aux = sae.calculate_topk_aux_loss(sae_in=x, sae_out=sae_out, hidden_pre=hidden_pre.relu(),
+                                      dead_neuron_mask=dead_mask)
+    (mse + aux).backward()
+    expected = grads(sae)
+    with integration.apply("fused"):
+        actual, actual_grads = saelens_step(sae, TrainStepInput, x, dead_mask)
+    torch.testing.assert_close(actual.losses["auxiliary_reconstruction_loss"], aux.detach())
+    assert_grads_close(actual_grads, expected)
+
+
+def test_saelens_kernels_run_instance_patch_and_refusals(saelens, monkeypatch):
+    host, integration, TrainStepInput = saelens
+    sae, other = make_saelens(host, dtype="float32"), make_saelens(host, dtype="float32", seed=1)
+    x, dead_mask = torch.randn(8, 16), torch.arange(96) < 40
+    with integration.apply("faithful", sae=sae):
+        ops = pyinterp_ops_called(lambda: saelens_step(sae, TrainStepInput, x, dead_mask))
+        assert pyinterp_ops_called(lambda: saelens_step(other, TrainStepInput, x, dead_mask)) == set()
+    assert {"pyinterp::topk_encode", "pyinterp::sparse_decode"} <= ops, ops
+    assert "training_forward_pass" not in vars(sae)
+    with integration.apply():
+        handle = sae.hook_sae_acts_post.register_forward_hook(lambda *a: None)
+        with pytest.raises(NotImplementedError, match="hook"):
+            saelens_step(sae, TrainStepInput, x, dead_mask)
+        handle.remove()
+    assert_refuses(integration, monkeypatch, "6.55.0", r"sae-lens 6\.55\.0 is outside", host.TopKTrainingSAE,
+                   "calculate_topk_aux_loss", lambda self, sae_in, sae_out, hidden_pre: None,
+                   r"TopKTrainingSAE\.calculate_topk_aux_loss of sae-lens 6\.54")
+
+
+def test_saelens_training_parity(saelens):
+    """SAELens' SAETrainer step (forward with AuxK, firing bookkeeping, backward, clipping, Adam) for
+    300 steps, latents dead after 4 steps unfired; eval MSE-based FVU within 1e-3 of the host's."""
+    host, integration, TrainStepInput = saelens
+    g = torch.Generator().manual_seed(0)
+    steps, batch = 300, 64
+    data = sparse_data(steps * batch + 512, 16, 48, 3, g)
+
+    def run():
+        sae = make_saelens(host, 16, 128, 4, dtype="float32")
+        optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+        since_fired = torch.zeros(128)
+        for step in range(steps):
+            out = sae.training_forward_pass(TrainStepInput(
+                sae_in=data[step * batch:(step + 1) * batch], coefficients={}, dead_neuron_mask=since_fired > 4,
+                n_training_steps=step, is_logging_step=False))
+            with torch.no_grad():
+                since_fired += 1
+                since_fired[out.feature_acts.bool().float().sum(-2).bool().to_dense()] = 0
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        return held_out_fvu(sae, data[-512:])
 
     expected = run()
     with integration.apply("faithful"):

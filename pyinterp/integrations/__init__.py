@@ -1,6 +1,7 @@
 """Drop-in: pyinterp's fused SAE ops inside other SAE libraries, explicit opt-in per host.
 
     from pyinterp.integrations import sparsify             # EleutherAI sparsify (eai-sparsify)
+    from pyinterp.integrations import saelens              # SAELens' TopKTrainingSAE
     from pyinterp.integrations import dictionary_learning  # dictionary_learning's TopKTrainer
 
 Importing this package or a host module patches nothing and does not import the host; each host

@@ -21,11 +21,15 @@ def host_version(distribution: str) -> Version:
         raise HostMismatch(f"{distribution} is not installed (pip install {distribution})") from None
 
 
-def check_version(distribution: str, version: Version, low: str, high: str) -> None:
-    """low <= version < high, else HostMismatch naming the host and its version."""
+def supported_version(distribution: str, supported: tuple[str, str]) -> Version:
+    """The installed version of `distribution` if low <= version < high for supported = (low, high),
+    else HostMismatch naming the host and its version."""
+    version = host_version(distribution)
+    low, high = supported
     if not Version(low) <= version < Version(high):
         raise HostMismatch(f"{distribution} {version} is outside the supported range [{low}, {high}) of "
                            f"pyinterp.integrations; its functions may have changed, so nothing was patched")
+    return version
 
 
 def check_signature(qualname: str, function: Callable, parameters: tuple[str, ...], distribution: str,
@@ -111,3 +115,16 @@ class ClassPatches:
 
     def is_applied(self) -> bool:
         return self.current is not None and self.current.active
+
+
+def check_functions(module: Any, signatures: dict[str, tuple[str, ...]], distribution: str,
+                    version: Version) -> None:
+    """Every "name" or "Class.name" of `signatures` exists in `module` with exactly those parameters."""
+    for name, parameters in signatures.items():
+        function = module
+        for part in name.split("."):
+            function = getattr(function, part, None)
+        qualname = f"{module.__name__}.{name}"
+        if function is None:
+            raise HostMismatch(f"{qualname} is missing in {distribution} {version}; nothing was patched")
+        check_signature(qualname, function, parameters, distribution, version)

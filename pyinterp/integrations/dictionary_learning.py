@@ -29,8 +29,7 @@ from collections import namedtuple
 import torch
 from torch import Tensor
 
-from pyinterp.integrations._patching import (ClassPatches, HostMismatch, Patches, check_mode, check_signature,
-                                             check_version, host_version)
+from pyinterp.integrations._patching import ClassPatches, Patches, check_functions, check_mode, supported_version
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
 
@@ -51,16 +50,10 @@ is_applied = _class.is_applied
 
 def _host():
     """dictionary_learning.trainers.top_k after the version and signature checks."""
-    version = host_version(DISTRIBUTION)
-    check_version(DISTRIBUTION, version, *SUPPORTED)
+    version = supported_version(DISTRIBUTION, SUPPORTED)
     import dictionary_learning.trainers.top_k as host
 
-    for name, parameters in _SIGNATURES.items():
-        owner, attribute = name.split(".")
-        function = getattr(getattr(host, owner, None), attribute, None)
-        if function is None:
-            raise HostMismatch(f"dictionary_learning.trainers.top_k.{name} is missing in {DISTRIBUTION} {version}")
-        check_signature(f"dictionary_learning.trainers.top_k.{name}", function, parameters, DISTRIBUTION, version)
+    check_functions(host, _SIGNATURES, DISTRIBUTION, version)
     return host
 
 

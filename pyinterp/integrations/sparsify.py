@@ -31,8 +31,7 @@ import types
 import torch
 from torch import Tensor
 
-from pyinterp.integrations._patching import (ClassPatches, HostMismatch, Patches, check_mode, check_signature,
-                                             check_version, host_version)
+from pyinterp.integrations._patching import ClassPatches, Patches, check_functions, check_mode, supported_version
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
 
@@ -53,19 +52,10 @@ is_applied = _class.is_applied
 
 def _host():
     """sparsify.sparse_coder after the version and signature checks."""
-    version = host_version(DISTRIBUTION)
-    check_version(DISTRIBUTION, version, *SUPPORTED)
+    version = supported_version(DISTRIBUTION, SUPPORTED)
     import sparsify.sparse_coder as host
 
-    functions = {"fused_encoder": getattr(host, "fused_encoder", None),
-                 "decoder_impl": getattr(host, "decoder_impl", None),
-                 "SparseCoder.forward": getattr(host.SparseCoder, "forward", None),
-                 "SparseCoder.encode": getattr(host.SparseCoder, "encode", None),
-                 "SparseCoder.decode": getattr(host.SparseCoder, "decode", None)}
-    for name, function in functions.items():
-        if function is None:
-            raise HostMismatch(f"sparsify.sparse_coder.{name} is missing in {DISTRIBUTION} {version}")
-        check_signature(f"sparsify.sparse_coder.{name}", function, _SIGNATURES[name], DISTRIBUTION, version)
+    check_functions(host, _SIGNATURES, DISTRIBUTION, version)
     return host
 
 
