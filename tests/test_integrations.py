@@ -559,3 +559,76 @@ def test_saelens_training_parity(saelens):
         actual = run()
     assert expected < 0.5
     assert abs(actual - expected) < 1e-3, (actual, expected)
+
+
+# ---------------------------------------------------------------- host SAEs <-> pyinterp.nn
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_saelens_topk_saved_loads_into_pyinterp_and_back(saelens, tmp_path, rescale, apply_b_dec_to_input):
+    host, integration, _ = saelens
+    from sae_lens import SAE
+
+    trained = make_saelens(host, rescale_acts_by_decoder_norm=rescale, apply_b_dec_to_input=apply_b_dec_to_input)
+    trained.save_inference_model(tmp_path / "host")  # SAELens folds the norms into what it saves
+    loaded = SAE.load_from_disk(tmp_path / "host", dtype="float64")
+    x = torch.randn(13, 16, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        expected_acts, expected_out = loaded.encode(x), loaded(x)
+        for source in (loaded, trained):  # the training SAE converts as well, its rescaling folded in
+            sae = integration.to_pyinterp(source, backend="cpu")
+            values, indices = sae.encode(x)
+            dense = torch.zeros_like(expected_acts).scatter(-1, indices.long(), values)
+            torch.testing.assert_close(dense, expected_acts)
+            torch.testing.assert_close(sae(x).x_hat, expected_out)
+        back = integration.from_pyinterp(sae)
+        back.save_model(tmp_path / "back")
+        torch.testing.assert_close(SAE.load_from_disk(tmp_path / "back", dtype="float64")(x), expected_out)
+
+
+def test_saelens_conversion_refuses_other_architectures(saelens):
+    host, integration, _ = saelens
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+
+    from pyinterp.nn import BatchTopKSAE
+
+    jumprelu = JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=96, device="cpu"))
+    with pytest.raises(ValueError, match="jumprelu"):
+        integration.to_pyinterp(jumprelu)
+    with pytest.raises(ValueError, match="normalize_activations"):
+        integration.to_pyinterp(make_saelens(host, normalize_activations="expected_average_only_in"))
+    with pytest.raises(ValueError, match="BatchTopKSAE"):
+        integration.from_pyinterp(BatchTopKSAE(16, 96, 4))
+
+
+def test_dictionary_learning_saved_dictionaries_load_into_pyinterp_and_back(dictionary_learning, tmp_path):
+    host, integration = dictionary_learning
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE as HostBatchTopK
+
+    from pyinterp.nn import BatchTopKSAE
+
+    x = torch.randn(13, 16) + 0.5
+    topk = make_trainer(host).ae
+    batch = HostBatchTopK(16, 96, 5)
+    with torch.no_grad():
+        batch.encoder.bias.normal_(0, 0.1)
+        batch.threshold.fill_(0.05)
+    for ae, loader, module in ((topk, host.AutoEncoderTopK.from_pretrained, None),
+                               (batch, HostBatchTopK.from_pretrained, BatchTopKSAE)):
+        torch.save(ae.state_dict(), tmp_path / "ae.pt")
+        loaded = loader(tmp_path / "ae.pt")
+        with torch.no_grad():
+            expected = loaded(x)
+            sae = integration.to_pyinterp(loaded, backend="cpu")
+            assert module is None or isinstance(sae, module)
+            torch.testing.assert_close(sae(x).x_hat, expected)
+            torch.testing.assert_close(integration.from_pyinterp(sae)(x), expected)
+    batch.threshold.fill_(-1)  # never set by training
+    with pytest.raises(ValueError, match="threshold"):
+        integration.to_pyinterp(batch)
+    with pytest.raises(ValueError, match="max_k_per_row"):
+        integration.from_pyinterp(BatchTopKSAE(16, 96, 4))
+    with pytest.raises(ValueError, match="d_model"):
+        from pyinterp.integrations._convert import build_pyinterp_sae
+        from pyinterp.nn import TopKSAE
+        build_pyinterp_sae("test", TopKSAE, torch.zeros(96, 16), torch.zeros(96), torch.zeros(96, 15),
+                           torch.zeros(16), 4)

@@ -146,3 +146,55 @@ def apply(mode: str = "faithful", *, trainer=None) -> Patches:
     patches = _class.start(mode)
     patches.set(host.TopKTrainer, "loss", loss)
     return patches
+
+
+# ---- dictionaries to pyinterp.nn modules and back ----
+def to_pyinterp(ae, *, backend: str = "auto"):
+    """An AutoEncoderTopK as pyinterp.nn.TopKSAE, a BatchTopKSAE as pyinterp.nn.BatchTopKSAE with the
+    same activations in eval mode (threshold on every latent: max_k_per_row = n_latents). Load a
+    saved dictionary with the host's own `AutoEncoderTopK.from_pretrained(path)` first."""
+    import dictionary_learning.trainers.batch_top_k as batch_host
+    import dictionary_learning.trainers.top_k as host
+    from pyinterp.integrations._convert import build_pyinterp_sae
+    from pyinterp.nn.sae import BatchTopKSAE, TopKSAE
+
+    where = "pyinterp.integrations.dictionary_learning.to_pyinterp"
+    tensors = (ae.encoder.weight, ae.encoder.bias, ae.decoder.weight.mT, ae.b_dec, int(ae.k))
+    if isinstance(ae, batch_host.BatchTopKSAE):
+        threshold = float(ae.threshold)
+        if not threshold >= 0:
+            raise ValueError(f"{where}: the BatchTopKSAE's threshold is {threshold} (never set by training); "
+                             "its eval activations would keep every positive latent")
+        sae = build_pyinterp_sae(where, BatchTopKSAE, *tensors, backend=backend, max_k_per_row=ae.dict_size)
+        sae.threshold.fill_(threshold)
+        return sae.eval()
+    if isinstance(ae, host.AutoEncoderTopK):
+        return build_pyinterp_sae(where, TopKSAE, *tensors, backend=backend)
+    raise ValueError(f"{where}: only AutoEncoderTopK and BatchTopKSAE convert, got {type(ae).__name__}")
+
+
+def from_pyinterp(sae):
+    """A pyinterp.nn TopKSAE as AutoEncoderTopK, a BatchTopKSAE as dictionary_learning's BatchTopKSAE
+    (then `torch.save(ae.state_dict(), path)` as the host saves). A BatchTopKSAE whose max_k_per_row
+    caps a token's latents below n_latents is refused: the host's eval has no cap."""
+    import dictionary_learning.trainers.batch_top_k as batch_host
+    import dictionary_learning.trainers.top_k as host
+    from pyinterp.nn.sae import BatchTopKSAE
+
+    where = "pyinterp.integrations.dictionary_learning.from_pyinterp"
+    if isinstance(sae, BatchTopKSAE):
+        if sae.max_k_per_row != sae.n_latents:
+            raise ValueError(f"{where}: this BatchTopKSAE keeps at most max_k_per_row={sae.max_k_per_row} "
+                             f"latents per token in eval; dictionary_learning's keeps every latent above the "
+                             "threshold, so the conversion would change activations")
+        ae = batch_host.BatchTopKSAE(sae.d_model, sae.n_latents, sae.k)
+        ae.threshold.fill_(float(sae.threshold))
+    else:
+        ae = host.AutoEncoderTopK(sae.d_model, sae.n_latents, sae.k)
+    ae.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
+    with torch.no_grad():
+        ae.encoder.weight.copy_(sae.W_enc)
+        ae.encoder.bias.copy_(sae.b_enc)
+        ae.decoder.weight.copy_(sae.W_dec.mT)
+        ae.b_dec.copy_(sae.b_dec)
+    return ae

@@ -156,3 +156,57 @@ def apply(mode: str = "faithful", *, sae=None) -> Patches:
     patches = _class.start(mode)
     patches.set(host.TopKTrainingSAE, "training_forward_pass", forward)
     return patches
+
+
+# ---- SAELens SAEs to pyinterp.nn modules and back ----
+def to_pyinterp(sae, *, backend: str = "auto"):
+    """A SAELens TopK SAE (inference TopKSAE or TopKTrainingSAE; load a saved one with SAELens'
+    own `SAE.load_from_disk(path)`) as pyinterp.nn.TopKSAE with the same activations and
+    reconstruction: the decoder-norm rescaling is folded in (W_enc, b_enc times ||W_dec row||,
+    W_dec rows divided by it) as SAELens' own fold does, and apply_b_dec_to_input=False folds into
+    b_enc. Refused: JumpReLU and other architectures (pyinterp has no module with per-latent
+    thresholds), activation normalisation, reshaped (hook_z) activations."""
+    from pyinterp.integrations._convert import build_pyinterp_sae
+    from pyinterp.nn.sae import TopKSAE
+
+    where = "pyinterp.integrations.saelens.to_pyinterp"
+    cfg = sae.cfg
+    architecture = cfg.architecture()
+    if architecture != "topk":
+        raise ValueError(f"{where}: architecture {architecture!r} has no pyinterp module with the same "
+                         "activations (only 'topk' converts; JumpReLU's per-latent thresholds would be lost)")
+    if cfg.normalize_activations != "none" or getattr(cfg, "reshape_activations", "none") != "none":
+        raise ValueError(f"{where}: normalize_activations={cfg.normalize_activations!r} / reshape_activations="
+                         f"{getattr(cfg, 'reshape_activations', 'none')!r} change the input; only 'none' converts")
+    with torch.no_grad():
+        W_enc, b_enc, W_dec, b_dec = sae.W_enc.mT, sae.b_enc, sae.W_dec, sae.b_dec
+        if cfg.rescale_acts_by_decoder_norm:
+            norms = W_dec.norm(dim=-1)
+            W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
+        if not cfg.apply_b_dec_to_input:  # z = W x + b = W (x - b_dec) + (b + W b_dec)
+            b_enc = b_enc + W_enc @ b_dec
+        return build_pyinterp_sae(where, TopKSAE, W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec, cfg.k,
+                                  backend=backend)
+
+
+def from_pyinterp(sae, *, device: str = "cpu"):
+    """A pyinterp.nn TopKSAE as SAELens' inference TopKSAE (then its `save_model(path)`). A
+    BatchTopKSAE is refused: its eval threshold is one scalar over max_k_per_row proposals, which no
+    SAELens architecture reproduces exactly."""
+    from sae_lens.saes.topk_sae import TopKSAE as HostTopKSAE
+    from sae_lens.saes.topk_sae import TopKSAEConfig
+
+    from pyinterp.nn.sae import BatchTopKSAE
+
+    if isinstance(sae, BatchTopKSAE):
+        raise ValueError("pyinterp.integrations.saelens.from_pyinterp: a BatchTopKSAE's eval activations "
+                         "(scalar threshold over max_k_per_row proposals) have no SAELens equivalent")
+    host = HostTopKSAE(TopKSAEConfig(d_in=sae.d_model, d_sae=sae.n_latents, k=sae.k, device=device,
+                                     dtype=str(sae.W_enc.dtype).removeprefix("torch."),
+                                     apply_b_dec_to_input=True, rescale_acts_by_decoder_norm=False))
+    with torch.no_grad():
+        host.W_enc.copy_(sae.W_enc.mT)
+        host.b_enc.copy_(sae.b_enc)
+        host.W_dec.copy_(sae.W_dec)
+        host.b_dec.copy_(sae.b_dec)
+    return host
