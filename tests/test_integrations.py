@@ -56,6 +56,9 @@ def held_out_fvu(autoencoder, x: torch.Tensor) -> float:
     return float((x - autoencoder(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
+PARITY_STEPS = 200  # training-parity runs: steps of 32 tokens, unpatched vs faithful
+
+
 # ---------------------------------------------------------------- EleutherAI sparsify
 @pytest.fixture(scope="module")
 def sparsify():
@@ -265,7 +268,7 @@ def sparsify_training_run(host, steps, seed=0):
     """sparsify's training step as its Trainer runs it (FVU + AuxK, decoder-gradient projection,
     Adam, renorm; latents dead after `dead_after` tokens unfired); returns the eval FVU."""
     g = torch.Generator().manual_seed(seed)
-    width, latents, k, batch = 16, 128, 4, 64
+    width, latents, k, batch = 16, 128, 4, 32
     data = sparse_data(steps * batch + 512, width, 48, 3, g)
     train, held_out = data[:-512], data[-512:]
     coder = make_coder(host, width, latents, k, dtype=torch.float32, seed=seed)
@@ -291,10 +294,11 @@ def sparsify_training_run(host, steps, seed=0):
 
 def test_sparsify_training_parity(sparsify):
     host, integration = sparsify
-    expected = sparsify_training_run(host, 300)
+    expected = sparsify_training_run(host, PARITY_STEPS)
     with integration.apply("faithful"):
-        actual = sparsify_training_run(host, 300)
+        actual = sparsify_training_run(host, PARITY_STEPS)
     assert expected < 0.5  # it learned something
+    print(f"parity eval FVU host {expected:.6f} faithful {actual:.6f}")
     assert abs(actual - expected) < 1e-3, (actual, expected)
 
 
@@ -415,11 +419,11 @@ def test_dictionary_learning_refuses_other_versions_and_signatures(dictionary_le
 
 
 def test_dictionary_learning_training_parity(dictionary_learning):
-    """The host's own update() (geometric-median init, clipping, Adam, schedule, renorm) for 300 steps,
-    latents dead after 4 batches unfired; eval FVU within 1e-3 of the unpatched host."""
+    """The host's own update() (geometric-median init, clipping, Adam, schedule, renorm) for
+    PARITY_STEPS steps, latents dead after 4 batches unfired; eval FVU within 1e-3 of the unpatched host."""
     host, integration = dictionary_learning
     g = torch.Generator().manual_seed(0)
-    steps, batch = 300, 64
+    steps, batch = PARITY_STEPS, 32
     data = sparse_data(steps * batch + 512, 16, 48, 3, g)
 
     def run():
@@ -432,6 +436,7 @@ def test_dictionary_learning_training_parity(dictionary_learning):
     with integration.apply("faithful"):
         actual = run()
     assert expected < 0.5
+    print(f"parity eval FVU host {expected:.6f} faithful {actual:.6f}")
     assert abs(actual - expected) < 1e-3, (actual, expected)
 
 
@@ -531,10 +536,10 @@ def test_saelens_kernels_run_instance_patch_and_refusals(saelens, monkeypatch):
 
 def test_saelens_training_parity(saelens):
     """SAELens' SAETrainer step (forward with AuxK, firing bookkeeping, backward, clipping, Adam) for
-    300 steps, latents dead after 4 steps unfired; eval MSE-based FVU within 1e-3 of the host's."""
+    PARITY_STEPS steps, latents dead after 4 steps unfired; eval FVU within 1e-3 of the host's."""
     host, integration, TrainStepInput = saelens
     g = torch.Generator().manual_seed(0)
-    steps, batch = 300, 64
+    steps, batch = PARITY_STEPS, 32
     data = sparse_data(steps * batch + 512, 16, 48, 3, g)
 
     def run():
@@ -558,6 +563,7 @@ def test_saelens_training_parity(saelens):
     with integration.apply("faithful"):
         actual = run()
     assert expected < 0.5
+    print(f"parity eval FVU host {expected:.6f} faithful {actual:.6f}")
     assert abs(actual - expected) < 1e-3, (actual, expected)
 
 
