@@ -14,10 +14,12 @@ export TRANSFORMERS_OFFLINE = 1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements-dev.txt constraints.txt
+$(VENV)/.installed: requirements-dev.txt constraints.txt requirements-peers.txt requirements-peers-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -r requirements-dev.txt
+	$(PIP) install -q -c constraints.txt -r requirements-peers.txt
+	$(PIP) install -q --no-deps -c constraints.txt -r requirements-peers-nodeps.txt
 	touch $@
 
 build: setup

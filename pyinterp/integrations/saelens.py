@@ -1,0 +1,212 @@
+"""SAELens (PyPI sae-lens) TopK training on pyinterp's fused ops, opt in:
+
+    from pyinterp.integrations import saelens as pyinterp_saelens
+    pyinterp_saelens.apply()                   # every TopKTrainingSAE; or apply(sae=sae) for one
+    ...                                        # SAELens' SAETrainer / training_forward_pass as before
+    pyinterp_saelens.revert()
+
+Patched: `TopKTrainingSAE.training_forward_pass` (the class, or one instance): the encoder is
+`topk_encode` with `scale=` the decoder row norms when `rescale_acts_by_decoder_norm` (SAELens'
+default: selection on s_i * z_i), the decoder `sparse_decode` of the codes divided by the same
+norms. `process_sae_in`, the hooks' identity defaults, the MSE and the `TrainStepOutput` are the
+host's. `TrainStepOutput.hidden_pre` is None in both modes: SAELens' trainer does not read it, and
+it is the N x M tensor the fused encoder never forms.
+
+Modes (`mode=`):
+- "faithful": SAELens' training exactly. `feature_acts` are dense (N, d_sae) as the host returns
+  them (a COO tensor with `use_sparse_activations`), since its trainer's firing statistics read them.
+  Its AuxK takes the top-k_aux of the raw (not ReLU'd, possibly negative) pre-activations of the
+  dead latents, with gradient into the encoder: on steps with dead latents only, those latents'
+  pre-activations (N x #dead) are computed densely; never the N x d_sae ones.
+- "fused": no N x d_sae tensor: `feature_acts` is always a sparse COO tensor (the trainer's
+  statistics accept one), and AuxK is pyinterp's, from the same pass over the dead latents with
+  post-ReLU values (a dead latent with a negative pre-activation contributes zero, where the host
+  lets it fit the residual with its negative value).
+
+Not supported (raises): hooks on `hook_sae_acts_pre` / `hook_sae_acts_post`, activation
+normalisation other than "none", `reshape_activations` other than "none"."""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from pyinterp.integrations._patching import (ClassPatches, HostMismatch, Patches, check_functions, check_mode,
+                                             supported_version)
+from pyinterp.ops.sparse_decode import sparse_decode
+from pyinterp.ops.topk_encode import topk_encode
+
+DISTRIBUTION = "sae-lens"
+SUPPORTED = ("6.54.0", "6.55.0")
+_SIGNATURES = {
+    "TopKTrainingSAE.training_forward_pass": ("self", "step_input"),
+    "TopKTrainingSAE.calculate_topk_aux_loss": ("self", "sae_in", "sae_out", "hidden_pre", "dead_neuron_mask"),
+    "TopKTrainingSAE.process_sae_in": ("self", "sae_in"),
+    "TopKTrainingSAE.encode_with_hidden_pre": ("self", "x"),
+}
+
+_class = ClassPatches("pyinterp.integrations.saelens")
+revert = _class.revert
+is_applied = _class.is_applied
+
+
+def _host():
+    version = supported_version(DISTRIBUTION, SUPPORTED)
+    import sae_lens.saes.sae as sae_module
+    import sae_lens.saes.topk_sae as host
+
+    check_functions(host, _SIGNATURES, DISTRIBUTION, version)
+    if not hasattr(sae_module, "TrainStepOutput"):
+        raise HostMismatch(f"sae_lens.saes.sae.TrainStepOutput is missing in {DISTRIBUTION} {version}")
+    return host, sae_module.TrainStepOutput
+
+
+def _unsupported(sae) -> None:
+    cfg = sae.cfg
+    if cfg.normalize_activations != "none" or getattr(cfg, "reshape_activations", "none") != "none":
+        raise NotImplementedError(f"pyinterp.integrations.saelens: normalize_activations="
+                                  f"{cfg.normalize_activations!r} / reshape_activations="
+                                  f"{getattr(cfg, 'reshape_activations', 'none')!r} are not supported (only "
+                                  "'none'); revert() to use SAELens' own forward")
+    for hook in (sae.hook_sae_acts_pre, sae.hook_sae_acts_post):
+        if hook._forward_hooks or hook._backward_hooks:
+            raise NotImplementedError("pyinterp.integrations.saelens: hooks on the dense activations "
+                                      "(hook_sae_acts_pre/post) need them dense; revert() to use SAELens' forward")
+
+
+def _coo(values: torch.Tensor, indices: torch.Tensor, latents: int) -> torch.Tensor:
+    rows = torch.arange(values.shape[0], device=values.device).repeat_interleave(values.shape[1])
+    return torch.sparse_coo_tensor(torch.stack([rows, indices.flatten().long()]), values.flatten(),
+                                   (values.shape[0], latents), check_invariants=False)  # indices from topk_encode
+
+
+def _make_forward(TrainStepOutput, mode: str):
+    fused = mode == "fused"
+
+    def training_forward_pass(self, step_input):
+        _unsupported(self)
+        cfg = self.cfg
+        sae_in = self.process_sae_in(step_input.sae_in)
+        W_enc = self.W_enc.mT  # (d_sae, d_in): row i = latent i
+        norms = self.W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else None
+        dead_mask = step_input.dead_neuron_mask
+        num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        # SAELens' AuxK sizes (Appendix B.1 of Gao et al.): k_aux = d_in / 2, scaled down when few are dead
+        k_aux = min(sae_in.shape[-1] // 2, num_dead)
+        aux_scale = min(num_dead / (sae_in.shape[-1] // 2), 1.0) if num_dead else 0.0
+        if fused and k_aux > 0:
+            values, indices, aux_values, aux_indices = topk_encode(
+                sae_in, W_enc, self.b_enc, cfg.k, dead_mask=dead_mask, k_aux=k_aux, scale=norms)
+        else:
+            values, indices = topk_encode(sae_in, W_enc, self.b_enc, cfg.k, scale=norms)
+        sae_out = _decode(values, indices, self.W_dec, norms) + self.b_dec
+        sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(self.hook_sae_recons(sae_out)),
+                                      self.d_head)
+        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
+        if k_aux > 0:
+            if not fused:  # the host's top-k_aux of the dead latents' raw pre-activations
+                dead = dead_mask.nonzero().squeeze(1)
+                hidden_dead = sae_in @ self.W_enc[:, dead] + self.b_enc[dead]
+                if norms is not None:
+                    hidden_dead = hidden_dead * norms[dead]
+                aux_values, positions = hidden_dead.topk(k_aux, dim=-1, sorted=False)
+                aux_indices = dead[positions]
+            residual = (step_input.sae_in - sae_out).detach()
+            # no b_dec: it is inside the residual already
+            reconstruction = _decode(aux_values, aux_indices, self.W_dec, norms)
+            aux_loss = cfg.aux_loss_coefficient * aux_scale * (reconstruction - residual).pow(2).sum(-1).mean()
+        else:
+            aux_loss = sae_out.new_tensor(0.0)
+        if fused or cfg.use_sparse_activations:
+            feature_acts = _coo(values, indices, cfg.d_sae)
+        else:
+            feature_acts = values.new_zeros(values.shape[0], cfg.d_sae).scatter(-1, indices.long(), values)
+        return TrainStepOutput(sae_in=step_input.sae_in, sae_out=sae_out, feature_acts=feature_acts,
+                               hidden_pre=None, loss=mse_loss + aux_loss,
+                               losses={"mse_loss": mse_loss, "auxiliary_reconstruction_loss": aux_loss})
+
+    return training_forward_pass
+
+
+def _decode(values, indices, W_dec, norms):
+    """SAELens' act_times_W_dec of sparse codes: (acts / ||W_dec row||) @ W_dec when rescaling."""
+    if norms is not None:
+        values = values / norms[indices.long()]
+    return sparse_decode(values, indices, W_dec, check_indices=False)
+
+
+def apply(mode: str = "faithful", *, sae=None) -> Patches:
+    """Route TopKTrainingSAE.training_forward_pass through pyinterp's topk_encode / sparse_decode.
+
+    sae=None patches the class (every TopKTrainingSAE); sae=<TopKTrainingSAE> that instance only.
+    Returns the Patches (their revert() undoes it; also a context manager); revert() undoes the
+    class-level one. Raises HostMismatch when the installed sae-lens is outside the supported
+    versions or the signatures of the functions it relies on changed."""
+    check_mode("pyinterp.integrations.saelens.apply", mode)
+    host, TrainStepOutput = _host()
+    forward = _make_forward(TrainStepOutput, mode)
+    if sae is not None:
+        if not isinstance(sae, host.TopKTrainingSAE):
+            raise TypeError(f"pyinterp.integrations.saelens.apply: sae must be a TopKTrainingSAE, "
+                            f"got {type(sae).__name__}")
+        _unsupported(sae)
+        patches = _class.start_instance(sae, "training_forward_pass", mode)
+        patches.set(sae, "training_forward_pass", types.MethodType(forward, sae))
+        return patches
+    patches = _class.start(mode)
+    patches.set(host.TopKTrainingSAE, "training_forward_pass", forward)
+    return patches
+
+
+# ---- SAELens SAEs to pyinterp.nn modules and back ----
+def to_pyinterp(sae, *, backend: str = "auto"):
+    """A SAELens TopK SAE (inference TopKSAE or TopKTrainingSAE; load a saved one with SAELens'
+    own `SAE.load_from_disk(path)`) as pyinterp.nn.TopKSAE with the same activations and
+    reconstruction: the decoder-norm rescaling is folded in (W_enc, b_enc times ||W_dec row||,
+    W_dec rows divided by it) as SAELens' own fold does, and apply_b_dec_to_input=False folds into
+    b_enc. Refused: JumpReLU and other architectures (pyinterp has no module with per-latent
+    thresholds), activation normalisation, reshaped (hook_z) activations."""
+    from pyinterp.integrations._convert import build_pyinterp_sae
+    from pyinterp.nn.sae import TopKSAE
+
+    where = "pyinterp.integrations.saelens.to_pyinterp"
+    cfg = sae.cfg
+    architecture = cfg.architecture()
+    if architecture != "topk":
+        raise ValueError(f"{where}: architecture {architecture!r} has no pyinterp module with the same "
+                         "activations (only 'topk' converts; JumpReLU's per-latent thresholds would be lost)")
+    if cfg.normalize_activations != "none" or getattr(cfg, "reshape_activations", "none") != "none":
+        raise ValueError(f"{where}: normalize_activations={cfg.normalize_activations!r} / reshape_activations="
+                         f"{getattr(cfg, 'reshape_activations', 'none')!r} change the input; only 'none' converts")
+    with torch.no_grad():
+        W_enc, b_enc, W_dec, b_dec = sae.W_enc.mT, sae.b_enc, sae.W_dec, sae.b_dec
+        if cfg.rescale_acts_by_decoder_norm:
+            norms = W_dec.norm(dim=-1)
+            W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
+        if not cfg.apply_b_dec_to_input:  # z = W x + b = W (x - b_dec) + (b + W b_dec)
+            b_enc = b_enc + W_enc @ b_dec
+        return build_pyinterp_sae(where, TopKSAE, W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec, cfg.k,
+                                  backend=backend)
+
+
+def from_pyinterp(sae, *, device: str = "cpu"):
+    """A pyinterp.nn TopKSAE as SAELens' inference TopKSAE (then its `save_model(path)`). A
+    BatchTopKSAE is refused: its eval threshold is one scalar over max_k_per_row proposals, which no
+    SAELens architecture reproduces exactly."""
+    from sae_lens.saes.topk_sae import TopKSAE as HostTopKSAE
+    from sae_lens.saes.topk_sae import TopKSAEConfig
+
+    from pyinterp.nn.sae import BatchTopKSAE
+
+    if isinstance(sae, BatchTopKSAE):
+        raise ValueError("pyinterp.integrations.saelens.from_pyinterp: a BatchTopKSAE's eval activations "
+                         "(scalar threshold over max_k_per_row proposals) have no SAELens equivalent")
+    host = HostTopKSAE(TopKSAEConfig(d_in=sae.d_model, d_sae=sae.n_latents, k=sae.k, device=device,
+                                     dtype=str(sae.W_enc.dtype).removeprefix("torch."),
+                                     apply_b_dec_to_input=True, rescale_acts_by_decoder_norm=False))
+    with torch.no_grad():
+        host.W_enc.copy_(sae.W_enc.mT)
+        host.b_enc.copy_(sae.b_enc)
+        host.W_dec.copy_(sae.W_dec)
+        host.b_dec.copy_(sae.b_dec)
+    return host
