@@ -11,10 +11,11 @@ picks the fastest available for the tensors' device. `pyinterp info` says which 
 from pyinterp import _extension
 from pyinterp.ops.ij_accumulate import ij_accumulate
 from pyinterp.ops.sparse_decode import sparse_decode
+from pyinterp.ops.threshold_encode import threshold_encode
 from pyinterp.ops.topk_encode import topk_encode
 
 __version__ = "0.1.0"
-__all__ = ["topk_encode", "sparse_decode", "ij_accumulate", "attribution", "vsa", "__version__"]
+__all__ = ["topk_encode", "threshold_encode", "sparse_decode", "ij_accumulate", "attribution", "vsa", "__version__"]
 
 _extension.cuda_extension()  # registers the CUDA kernels, when built
 from pyinterp import attribution, vsa  # noqa: E402  (need the ops above)

@@ -105,20 +105,8 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int, *, b_dec
     call), and gradients reach scale when it requires grad. Gradients flow to x, W_enc, b_enc and b_dec;
     weight gradients are deterministic. backend: "auto", "cuda", "triton", "cpu" or "torch"."""
     op = "topk_encode"
-    _validation.check_tensor(op, "x", x, dtypes=_validation.FLOAT_DTYPES)
-    _validation.check_tensor(op, "W_enc", W_enc, ndim=2)
-    for name, tensor in (("b_enc", b_enc), ("b_dec", b_dec), ("scale", scale), ("dead_mask", dead_mask)):
-        if tensor is not None:
-            _validation.check_tensor(op, name, tensor, ndim=1)
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have shape (..., D), got a scalar")
-    num_latents, width = W_enc.shape
-    if num_latents == 0 or width == 0:
-        raise ValueError(f"{op}: W_enc must be (M, D) with M >= 1 latents and D >= 1 features, got "
-                         f"shape {tuple(W_enc.shape)}")
-    if x.shape[-1] != width:
-        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dim but W_enc has "
-                         f"{width} columns (W_enc must be (M, D) with D = x.shape[-1])")
+    num_latents, width = _validation.check_encoder(op, x, W_enc, b_enc=b_enc, b_dec=b_dec, scale=scale,
+                                                   dead_mask=dead_mask)
     _validation.check_same_device(op, "x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, dead_mask=dead_mask,
                                   scale=scale)
     _validation.check_same_dtype(op, "x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, scale=scale)

@@ -1,0 +1,92 @@
+"""JumpReLU sparse autoencoder (Rajamanoharan et al. 2024) on pyinterp.threshold_encode
+(docs/sae_family.md, "JumpReLU"): a learned threshold per latent, trained through the
+straight-through estimator with a rectangle kernel, and an L0 sparsity penalty."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from pyinterp import _validation
+from pyinterp._dtypes import accumulator_dtype
+from pyinterp.nn.sae import TopKSAE, total_variance
+from pyinterp.ops.threshold_encode import threshold_encode
+
+
+class JumpReLUOutput(NamedTuple):
+    """x_hat (N, D); values / indices (N, max_active) as threshold_encode lists them; fvu as in
+    TopKSAE; l0 = the mean active latents per token (differentiable in the threshold);
+    loss = fvu + l0_coefficient * l0; truncated_rows: tokens over the max_active cap."""
+    x_hat: Tensor
+    values: Tensor
+    indices: Tensor
+    fvu: Tensor
+    l0: Tensor
+    loss: Tensor
+    truncated_rows: Tensor
+
+
+class JumpReLUSAE(TopKSAE):
+    """f = z * 1[z > threshold], z = (x - b_dec) @ W_enc^T + b_enc; x_hat = f @ W_dec + b_dec.
+    At most max_active latents per token are kept (truncated_rows counts the tokens that hit the
+    cap). Training (module.training) uses the STE of width `bandwidth`; eval mode is the fused
+    threshold encode. Initialised as TopKSAE, with every threshold = init_threshold."""
+
+    architecture = "jumprelu"
+
+    def __init__(self, d_model: int, n_latents: int, max_active: int, *, bandwidth: float = 1e-3,
+                 l0_coefficient: float = 1e-3, init_threshold: float = 1e-3, **kwargs):
+        super().__init__(d_model, n_latents, max_active, k_aux=0, **kwargs)
+        name = type(self).__name__
+        self.bandwidth = _validation.check_number(name, "bandwidth", bandwidth, low=0.0, low_open=True,
+                                                  meaning="the STE's kernel width")
+        self.l0_coefficient = _validation.check_number(name, "l0_coefficient", l0_coefficient, low=0.0)
+        _validation.check_number(name, "init_threshold", init_threshold, low=0.0)
+        self.threshold = nn.Parameter(torch.full_like(self.b_enc, init_threshold))
+
+    @property
+    def max_active(self) -> int:
+        return self.k
+
+    def config(self) -> dict:
+        return {**super().config(), "bandwidth": self.bandwidth, "l0_coefficient": self.l0_coefficient}
+
+    def _encode(self, flat: Tensor):
+        W_enc, b_enc, b_dec, threshold = self._cast(self.W_enc, self.b_enc, self.b_dec, self.threshold)
+        if not self.training:  # inference: no straight-through band, no threshold gradient
+            return threshold_encode(flat, W_enc, b_enc, threshold.detach(), self.k, b_dec=b_dec,
+                                    backend=self.backend)
+        return threshold_encode(flat, W_enc, b_enc, threshold, self.k, b_dec=b_dec, bandwidth=self.bandwidth,
+                                backend=self.backend)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._check_input(x)
+        (flat,) = self._cast(x.reshape(-1, self.d_model))
+        out = self._encode(flat)
+        return out.values.reshape(*x.shape[:-1], -1), out.indices.reshape(*x.shape[:-1], -1)
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *,
+                variance_floor: float | None = None) -> JumpReLUOutput:
+        """dead_mask is accepted for the trainer's signature and unused (JumpReLU has no AuxK)."""
+        self._check_input(x)
+        (flat,) = self._cast(x.reshape(-1, self.d_model))
+        out = self._encode(flat)
+        (b_dec,) = self._cast(self.b_dec)
+        x_hat = self._decode_sum(out.values, out.indices) + b_dec
+        target = flat.to(accumulator_dtype(flat.dtype))
+        fvu = (target - x_hat.to(target.dtype)).pow(2).sum() / total_variance(target, variance_floor)
+        l0 = out.l0.to(target.dtype).mean() if flat.shape[0] else fvu.new_zeros(())
+        return JumpReLUOutput(x_hat.reshape(x.shape), out.values, out.indices, fvu, l0,
+                              fvu + self.l0_coefficient * l0, out.truncated_rows)
+
+    def export_tensors(self) -> dict[str, Tensor]:
+        return {**super().export_tensors(), "threshold": self.threshold.detach()}
+
+    def import_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().import_tensors(tensors)
+        with torch.no_grad():
+            self.threshold.copy_(tensors["threshold"])
+
+    def sparsify_config(self) -> dict:
+        return {**super().sparsify_config(), "activation": "jumprelu"}
