@@ -31,7 +31,12 @@ def cuda_extension() -> ModuleType | None:
         import torch
 
         cpu_extension()  # the schemas must exist before CUDA implementations register
-        candidates = sorted(pathlib.Path(__file__).parent.glob("_C_cuda*.so"))
+        import importlib.machinery
+
+        # The build for this interpreter (a checkout may also hold another Python's build).
+        folder = pathlib.Path(__file__).parent
+        candidates = [folder / f"_C_cuda{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES
+                      if (folder / f"_C_cuda{suffix}").exists()]
         if not candidates:
             _modules["_C_cuda"] = None
             _errors["_C_cuda"] = "pyinterp._C_cuda was not built (no nvcc at build time, or PYINTERP_TARGET_DEVICE=cpu|none)"
