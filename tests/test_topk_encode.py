@@ -424,3 +424,25 @@ class TestBadInput:
             self.call(backend="fast")
         with pytest.raises(RuntimeError, match="cuda backend runs on CUDA tensors"):
             self.call(backend="cuda")
+
+
+def test_triton_gpu_predicate_routes_large_k_aux_elsewhere(monkeypatch):
+    # k_aux in (256, 512] (K_aux = 512) with few rows on a 132-SM GPU: 64 splits x 512 = 2^15 keys
+    # per row in one finalize program, over a GPU block's shared memory. Checked without a GPU: the
+    # predicate reads the SM count through _sm_count.
+    pytest.importorskip("triton")
+    from pyinterp import _dispatch
+    from pyinterp.ops.topk_encode import SPEC
+
+    kernels = _dispatch.triton_kernels("topk_encode")
+    monkeypatch.setattr(kernels, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    request = dict(tensors_on=cuda, rows=256, latents=16384, k=32, k_aux=384)
+    assert kernels.finalize_keys(256, 16384, 32, 384, 132)[1] >= kernels.MAX_FINALIZE_KEYS
+    with pytest.raises(ValueError, match="k_aux=384"):
+        SPEC.resolve("triton", cuda, **request)
+    assert SPEC.resolve("auto", cuda, **request) != "triton"
+    assert SPEC.resolve("triton", cuda, **dict(request, k_aux=256)) == "triton"
+    if _dispatch.triton_interpreting():  # the interpreter has no shared-memory bound
+        cpu = torch.device("cpu")
+        assert SPEC.resolve("triton", cpu, **dict(request, tensors_on=cpu)) == "triton"

@@ -288,6 +288,12 @@ def default_config(N: int, M: int, D: int, K: int, KA: int, device: torch.device
     # tile and the bitonic network cost more registers than the accumulator, so tiles are
     # smaller than a plain GEMM's; with aux or K > 64, BLOCK_M = 64 (K > BLOCK_M: round-by-round
     # insertion only).
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return gpu_config(N, M, K, KA, sms)
+
+
+def gpu_config(N: int, M: int, K: int, KA: int, sms: int) -> EncodeConfig:
+    """The GPU launch parameters on a device with `sms` multiprocessors."""
     block_n = 64
     block_m = 128 if KA == 0 and K <= 64 else 64
     block_d = 64
@@ -295,13 +301,38 @@ def default_config(N: int, M: int, D: int, K: int, KA: int, device: torch.device
     tiles = triton.cdiv(M, block_m)
     # ~8 splits keep the per-wave working set (the x row blocks plus one W tile per split) inside
     # L2; more when there are too few row blocks to fill the SMs; each split >= 4 tiles.
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     splits = 8
     while row_blocks * splits < sms and splits < 64:
         splits *= 2
     splits = max(1, min(splits, tiles // 4))
     return EncodeConfig(block_n=block_n, block_m=block_m, block_d=block_d, splits=splits,
                         extract_max=16, num_warps=8, num_stages=3)
+
+
+# One finalize program sorts next_pow2(splits * K) keys of a row: at 2^15 keys it needs 256 KiB of
+# shared memory (issue 13's sm_90 AOT compile), over the 227 KiB an H100/H200 block may have.
+MAX_FINALIZE_KEYS = 1 << 15
+
+
+def finalize_keys(N: int, M: int, k: int, k_aux: int, sms: int) -> tuple[int, int]:
+    """Keys per row the GPU finalize sorts for the top-k and for the top-k_aux (0 without aux)."""
+    K = pow2(max(k, 2))
+    KA = pow2(max(k_aux, 2)) if k_aux else 0
+    cfg = gpu_config(N, M, K, KA, sms)
+    splits = triton.cdiv(M, triton.cdiv(triton.cdiv(M, cfg.block_m), cfg.splits) * cfg.block_m)
+    return pow2(splits * K), pow2(splits * KA) if KA else 0
+
+
+def gpu_unsupported(N: int, M: int, k: int, k_aux: int, device: torch.device) -> str:
+    """Why the GPU kernels cannot run this request, or ''."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    for name, value, keys in zip(("k", "k_aux"), (k, k_aux), finalize_keys(N, M, k, k_aux, sms)):
+        if keys >= MAX_FINALIZE_KEYS:
+            return (f"{name}={value} with {N} rows and {M} latents makes backend='triton' merge "
+                    f"{keys} candidate keys per row in one program, more shared memory than a GPU "
+                    f"block has (at most {MAX_FINALIZE_KEYS // 2}); use backend='cuda' or 'torch', "
+                    f"a smaller {name}, or more rows per call")
+    return ""
 
 
 def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None,
