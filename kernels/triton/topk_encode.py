@@ -205,7 +205,8 @@ def _encode_kernel(x_ptr, w_ptr, benc_ptr, bdec_ptr, dead_ptr, cand_ptr, aux_can
                 # into hi + lo 16-bit parts, two dots. Products with 16-bit W are exact, so what
                 # is left of the rounding is lo's: below 2^-16 |x - b_dec| (bf16), 2^-22 (fp16).
                 hi = to_out(xt, DOT_DTYPE)
-                lo = to_out(xt - hi.to(tl.float32), DOT_DTYPE)
+                lo = xt - hi.to(tl.float32)
+                lo = to_out(tl.where(lo == lo, lo, 0.0), DOT_DTYPE)  # inf - inf: hi carries the inf
                 acc = _dot16(lo, wt, _dot16(hi, wt, acc, EMULATE_DOT), EMULATE_DOT)
             else:
                 acc = _dot16(xt, wt, acc, EMULATE_DOT)
