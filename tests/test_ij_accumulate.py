@@ -57,6 +57,20 @@ def test_low_precision_accumulates_in_fp32(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ij_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_infinite_weight_gives_the_reference_infinities(backend, dtype):
+    # Width 13 is not a multiple of the Triton tile: masked lanes must not turn inf * 0 into NaN.
+    grads, weights, delta = make_inputs(3, 2, 5, (13,), dtype=dtype)
+    grads, delta = grads.abs() + 0.5, delta.abs() + 0.5  # no inf * 0 in the real data
+    weights[1] = float("inf")
+    P, Jbar = pyinterp.ij_accumulate(grads, weights, delta, return_jbar=True, backend=backend)
+    p_ref, jbar_ref = reference(grads, weights.to(dtype), delta, return_jbar=True)
+    assert torch.isinf(p_ref).all()  # the test's premise
+    torch.testing.assert_close(P, p_ref.to(P.dtype), rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(Jbar, jbar_ref.to(Jbar.dtype).reshape(Jbar.shape), rtol=1e-6,
+                               atol=0, equal_nan=True)
+
+@pytest.mark.parametrize("backend", ij_backends())
 def test_chunks_accumulate_into_running_sums(backend):
     grads, weights, delta = make_inputs(6, 4, 5, (11,), dtype=torch.float32)
     P = torch.full((4, 5), 0.5)

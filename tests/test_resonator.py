@@ -192,6 +192,38 @@ def test_triton_known_factors_match_reference():
     assert_same(on_triton_device(got), expected)
 
 
+
+@needs_triton
+@pytest.mark.parametrize("update", ["sequential", "parallel"])
+@pytest.mark.parametrize("activation", [dict(), dict(activation="topk", k=5)], ids=variant_id)
+def test_triton_d40_codebooks_of_256_with_known_factors(update, activation):
+    # D = 40 and a codebook of 300 (BLOCK_D < 128 either way: on a GPU the 1-D tensors are replicated
+    # across warps, which the barriers in kernels/triton/resonator.py must order); known factors,
+    # including a row with every factor known and one with the last factor known.
+    s, codebooks, targets = problems([300, 7, 260], 40, 5, seed=21)
+    known = torch.full((5, 3), -1, dtype=torch.int64)
+    known[0, 0] = targets[0, 0]
+    known[1, 2] = targets[1, 2]
+    known[2] = targets[2]
+    known[3, 1] = targets[3, 1]
+    variant = dict(update=update, known=known, **activation)
+    expected = resonator(s, codebooks, max_iters=12, backend="torch", **variant)
+    variant["known"] = known.to(TRITON_DEVICE)
+    got = resonator(s.to(TRITON_DEVICE), [c.to(TRITON_DEVICE) for c in codebooks], max_iters=12,
+                    backend="triton", **variant)
+    assert_same(on_triton_device(got), expected)
+
+
+@needs_triton
+def test_triton_topk_activation_on_a_codebook_of_1024():
+    # The top-k of 1024 similarities by bisection, ties to the lower index (no 1024^2 rank matrix).
+    s, codebooks, _ = problems([1024, 3], 24, 2, seed=22)
+    for k in (1, 3):
+        expected = resonator(s, codebooks, max_iters=6, backend="torch", activation="topk", k=k)
+        got = resonator(s.to(TRITON_DEVICE), [c.to(TRITON_DEVICE) for c in codebooks], max_iters=6,
+                        backend="triton", activation="topk", k=k)
+        assert_same(on_triton_device(got), expected)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_cuda_matches_reference(variant):

@@ -198,3 +198,25 @@ class TestBadInput:
     def test_bias_that_is_not_a_tensor(self):
         with pytest.raises(TypeError, match="b_dec must be a torch.Tensor"):
             pyinterp.sparse_decode(self.values, self.indices, self.W_dec, [0.0] * 4)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs("sparse_decode"))
+def test_unchecked_out_of_range_indices_are_never_read(backend, device):
+    # check_indices=False: an out-of-range int32 index is never read through. cuda and triton count
+    # its entry as zero (forward and backward); cpu checks anyway and raises naming the index.
+    W = torch.randn(6, 5, device=device, requires_grad=True)
+    values = torch.ones(3, 2, device=device, requires_grad=True)
+    indices = torch.tensor([[1, 6], [-1, 2], [2**30, 0]], dtype=torch.int32, device=device)
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match="out of range"):
+            pyinterp.sparse_decode(values, indices, W, backend=backend, check_indices=False)
+        return
+    out = pyinterp.sparse_decode(values, indices, W, backend=backend, check_indices=False)
+    valid = (indices >= 0) & (indices < 6)
+    expected = pyinterp.sparse_decode(values * valid, torch.where(valid, indices, 0), W,
+                                      backend="torch")
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    out.sum().backward()
+    assert values.grad[~valid].eq(0).all()
+    torch.testing.assert_close(W.grad.sum(0), (values * valid).sum() * torch.ones(5, device=device),
+                               rtol=0, atol=1e-5)

@@ -60,6 +60,86 @@ def test_forward_random_data_within_dtype_tolerance(backend, device, dtype):
     torch.testing.assert_close(chosen, top, atol=1e-4, rtol=0)
 
 
+# Quiet NaN bit patterns with the sign bit set (negation of a NaN does not flip it for every dtype).
+_NEGATIVE_NAN_BITS = {torch.float32: (torch.int32, -0x400000), torch.float16: (torch.int16, -0x200),
+                      torch.bfloat16: (torch.int16, -0x40)}
+
+
+def _nan(dtype, negative):
+    if not negative:
+        return torch.tensor(float("nan"), dtype=dtype)
+    int_dtype, bits = _NEGATIVE_NAN_BITS[dtype]
+    nan = torch.tensor(bits, dtype=int_dtype).view(dtype)
+    assert bool(torch.isnan(nan)) and bool(torch.signbit(nan))
+    return nan
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_nan_of_either_sign_ranks_first_and_stays_nan(backend, device, dtype):
+    # The reference's rule: NaN ranks above everything (lower index first among NaNs), value NaN.
+    n, d, m, k, k_aux = 4, 8, 40, 6, 3
+    data = exact_sae_data(n, d, m, dtype=dtype, seed=3)
+    data["b_enc"][[5, 17]] = _nan(dtype, False)
+    data["b_enc"][[9, 30]] = _nan(dtype, True)
+    data["x"][1, 3] = _nan(dtype, True)  # a whole row of NaN pre-activations
+    data["x"][2, 0] = _nan(dtype, False)
+    data = {name: t.to(device) for name, t in data.items()}
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[[9, 12, 13, 30]] = True
+    dead = dead.to(device)
+    outputs = _run(backend, device, data, k, dead_mask=dead, k_aux=k_aux)
+    expected = _run("torch", device, data, k, dead_mask=dead, k_aux=k_aux)
+    assert expected[1][0, :4].tolist() == [5, 9, 17, 30]  # the test's premise
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_bf16_x_minus_b_dec_is_not_rounded_before_the_product(backend, device):
+    # x - b_dec = 0.375 - 100.5 = -100.125 is exact in fp32 (as in the reference) but rounds to -100
+    # in bf16; latent 0 (z = 100.125) then loses to latent 1 (z = 100.0625).
+    x = torch.tensor([[0.375, 2.0]], dtype=torch.bfloat16, device=device)
+    b_dec = torch.tensor([100.5, 1.0], dtype=torch.bfloat16, device=device)
+    W_enc = torch.tensor([[-1.0, 0.0], [0.0, 100.0]], dtype=torch.bfloat16, device=device)
+    b_enc = torch.tensor([0.0, 0.0625], dtype=torch.bfloat16, device=device)
+    _, indices = pyinterp.topk_encode(x, W_enc, b_enc, 1, b_dec=b_dec, backend=backend)
+    assert indices.tolist() == [[0]]
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_bf16_realistic_large_b_dec_within_tolerance(backend, device):
+    # |b_dec| ~ 100, |x - b_dec| ~ 1, and features far from b_dec (x ~ 1 where b_dec ~ 100).
+    g = torch.Generator().manual_seed(11)
+    n, d, m, k = 24, 96, 160, 8
+    b_dec = 100 * torch.randn(d, generator=g, dtype=torch.float64)
+    x = b_dec + torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[:, ::3] = torch.randn(n, (d + 2) // 3, generator=g, dtype=torch.float64)
+    W = torch.randn(m, d, generator=g, dtype=torch.float64) / d ** 0.5
+    b = torch.randn(m, generator=g, dtype=torch.float64)
+    x, W, b, b_dec = (t.to(device=device, dtype=torch.bfloat16) for t in (x, W, b, b_dec))
+    values, indices = pyinterp.topk_encode(x, W, b, k, b_dec=b_dec, backend=backend)
+    z = reference.preactivations(x.double(), W.double(), b.double(), b_dec.double())
+    chosen = z.gather(1, indices.long())
+    top, _ = reference.topk_lower_index_ties(z, k)
+    # fp32 sums of |x - b_dec| |W| ~ 100 terms err ~1e-5 (x - b_dec rounded to bf16: ~0.1)
+    torch.testing.assert_close(chosen, top, atol=1e-3, rtol=0)
+    # values: the exact z rounded once to bf16, within one bf16 ulp (2^-7 relative)
+    torch.testing.assert_close(values.double(), torch.relu(chosen), atol=0, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("m", [4099, 2053, 1001, 100])
+def test_cpu_duplicate_latents_tie_in_every_tile(m):
+    # Identical encoder rows (as right after resampling dead latents): every latent has the same z,
+    # so the top-k must be 0..k-1 whatever tile (full or tail) a latent falls in.
+    if "cpu" not in [b for b, dev in PAIRS if dev == "cpu"]:
+        pytest.skip("the cpu backend is not built")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 384, generator=g)
+    W_enc = torch.randn(1, 384, generator=g).expand(m, 384).contiguous()
+    _, indices = pyinterp.topk_encode(x, W_enc, None, 5, backend="cpu")
+    assert indices.tolist() == [[0, 1, 2, 3, 4]] * 3
+
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("num_dead", [0, 3, 40])
 def test_aux_topk_over_dead_latents_matches_reference(backend, device, num_dead):
@@ -344,3 +424,25 @@ class TestBadInput:
             self.call(backend="fast")
         with pytest.raises(RuntimeError, match="cuda backend runs on CUDA tensors"):
             self.call(backend="cuda")
+
+
+def test_triton_gpu_predicate_routes_large_k_aux_elsewhere(monkeypatch):
+    # k_aux in (256, 512] (K_aux = 512) with few rows on a 132-SM GPU: 64 splits x 512 = 2^15 keys
+    # per row in one finalize program, over a GPU block's shared memory. Checked without a GPU: the
+    # predicate reads the SM count through _sm_count.
+    pytest.importorskip("triton")
+    from pyinterp import _dispatch
+    from pyinterp.ops.topk_encode import SPEC
+
+    kernels = _dispatch.triton_kernels("topk_encode")
+    monkeypatch.setattr(kernels, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    request = dict(tensors_on=cuda, rows=256, latents=16384, k=32, k_aux=384)
+    assert kernels.finalize_keys(256, 16384, 32, 384, 132)[1] >= kernels.MAX_FINALIZE_KEYS
+    with pytest.raises(ValueError, match="k_aux=384"):
+        SPEC.resolve("triton", cuda, **request)
+    assert SPEC.resolve("auto", cuda, **request) != "triton"
+    assert SPEC.resolve("triton", cuda, **dict(request, k_aux=256)) == "triton"
+    if _dispatch.triton_interpreting():  # the interpreter has no shared-memory bound
+        cpu = torch.device("cpu")
+        assert SPEC.resolve("triton", cpu, **dict(request, tensors_on=cpu)) == "triton"

@@ -223,7 +223,9 @@ void encode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b_enc,
   const int64_t threads = at::get_num_threads();
   // Small batches: shrink the block so that every thread still gets rows.
   const int64_t rb = std::max<int64_t>(1, std::min(kRowBlock, (N + threads - 1) / threads));
-  const int64_t tile = std::min(kLatentTile, M);
+  // A multiple of 64 latents wide (when M allows): BLAS may sum the columns of a partial register
+  // block in another order than the others.
+  const int64_t tile = M < 64 ? M : std::min(kLatentTile, M / 64 * 64);
   const int64_t blocks = (N + rb - 1) / rb;
   const int64_t tiles = (M + tile - 1) / tile;
 
@@ -266,14 +268,18 @@ void encode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b_enc,
       if (k_aux > 0) aux.reset(nr);
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t l0 = t * tile, len = std::min(tile, M - l0);
-        at::Tensor z = z_buf.narrow(0, 0, nr * len).view({nr, len});
-        at::mm_out(z, xt, W.narrow(0, l0, len).t());
-        const acc_t* zp = z.data_ptr<acc_t>();
+        // Every GEMM has the same shape: the tail tile is computed as the last `tile` latents (it
+        // overlaps the tile before) and only its new columns are scanned. A narrower GEMM may sum
+        // in another order, and duplicated latents would then not tie.
+        const int64_t w0 = M - l0 < tile ? M - tile : l0;
+        at::Tensor z = z_buf.narrow(0, 0, nr * tile).view({nr, tile});
+        at::mm_out(z, xt, W.narrow(0, w0, tile).t());
+        const acc_t* zp = z.data_ptr<acc_t>() + (l0 - w0);
         const int32_t base = static_cast<int32_t>(l0);
         for (int64_t r = 0; r < nr; ++r) {
-          top.push_dense(r, zp + r * len, bias + l0, base, len);
+          top.push_dense(r, zp + r * tile, bias + l0, base, len);
           if (k_aux > 0) {
-            aux.push_list(r, zp + r * len, bias, dead.data() + tile_dead[t],
+            aux.push_list(r, zp + r * tile, bias, dead.data() + tile_dead[t],
                           tile_dead[t + 1] - tile_dead[t], base);
           }
         }

@@ -12,26 +12,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _ij_accumulate_kernel(grads_ptr, weights_ptr, delta_ptr, p_ptr, jbar_ptr,
-                          num_nodes, rows_total, tokens, width, node_stride,
+def _ij_accumulate_kernel(grads_ptr, weights_ptr, delta_ptr, p_ptr, jbar_ptr, rows_total, tokens,
+                          node_stride, NUM_NODES: tl.constexpr, WIDTH: tl.constexpr,
                           BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_JBAR: tl.constexpr):
+    # The loop bounds are constexprs: the triton 3.6 interpreter cannot take a runtime scalar as a
+    # range() bound (it holds scalars as 1-element arrays, which numpy >= 2.4 refuses to int()).
+    # One compile per (width, chunk size): both stay fixed along an attribution run.
     acc_ty = p_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < rows_total
     token_rows = rows % tokens
     p_partial = tl.zeros((BLOCK_ROWS,), dtype=acc_ty)
-    for d0 in range(0, width, BLOCK_D):
+    for d0 in range(0, WIDTH, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < width)[None, :]
-        row_offsets = rows[:, None] * width + cols[None, :]
+        mask = row_mask[:, None] & (cols < WIDTH)[None, :]
+        row_offsets = rows[:, None] * WIDTH + cols[None, :]
         jtile = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=acc_ty)
         grad_ptrs = grads_ptr + row_offsets
-        for k in range(num_nodes):
+        for k in range(NUM_NODES):
             weight = tl.load(weights_ptr + k)
             grad = tl.load(grad_ptrs, mask=mask, other=0.0).to(acc_ty)
             jtile += weight * grad
             grad_ptrs += node_stride
-        delta = tl.load(delta_ptr + token_rows[:, None] * width + cols[None, :], mask=mask, other=0.0)
+        # Masked lanes hold 0 * weight: NaN for an infinite weight, which must not reach P.
+        jtile = tl.where(mask, jtile, 0.0)
+        delta = tl.load(delta_ptr + token_rows[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)
         p_partial += tl.sum(jtile * delta, axis=1)
         if WRITE_JBAR:
             jbar = tl.load(jbar_ptr + row_offsets, mask=mask, other=0.0)
@@ -53,6 +58,5 @@ def ij_accumulate_(P: torch.Tensor, Jbar: torch.Tensor | None, grads: torch.Tens
     block_d = min(128, triton.next_power_of_2(max(width, 1)))
     grid = (triton.cdiv(rows_total, block_rows),)
     _ij_accumulate_kernel[grid](
-        grads, weights, delta, P, Jbar if Jbar is not None else P,
-        num_nodes, rows_total, tokens, width, rows_total * width,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, WRITE_JBAR=Jbar is not None)
+        grads, weights, delta, P, Jbar if Jbar is not None else P, rows_total, tokens,
+        rows_total * width, NUM_NODES=num_nodes, WIDTH=width, BLOCK_ROWS=block_rows, BLOCK_D=block_d, WRITE_JBAR=Jbar is not None)

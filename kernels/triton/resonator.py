@@ -14,6 +14,26 @@ ACTIVATION_CODES = {"identity": 0, "threshold": 1, "topk": 2}
 
 
 @triton.jit
+def _top_k_mask(a, valid, k, D):
+    """The k largest valid entries of a, ties to the lower index. a holds integers in [-D, D], so
+    the k-th largest value t is found by bisection (O(BLOCK_M log D), not a BLOCK_M^2 rank matrix):
+    the largest t with count(a >= t) >= k; then the entries equal to t are taken in index order."""
+    low = tl.full((), 0, tl.int32) - D  # count(a >= -D) = M_f >= k
+    high = tl.full((), 1, tl.int32) + D  # count(a >= D + 1) = 0 < k
+    while high - low > 1:
+        middle = (low + high) // 2
+        enough = tl.sum((valid & (a >= middle.to(tl.float32))).to(tl.int32), axis=0) >= k
+        low = tl.where(enough, middle, low)
+        high = tl.where(enough, high, middle)
+    t = low.to(tl.float32)
+    above = valid & (a > t)
+    tied = (valid & (a == t)).to(tl.int32)
+    tied_before = tl.cumsum(tied, axis=0) - tied
+    room = k - tl.sum(above.to(tl.int32), axis=0)
+    return above | ((tied != 0) & (tied_before < room))
+
+
+@triton.jit
 def _resonator_float_kernel(s_ptr, similarity_ptr, projection_ptr, offsets_ptr, sizes_ptr, known_ptr,
                             estimates_ptr, running_ptr, indices_ptr, iterations_ptr, converged_ptr,
                             similarities_ptr, D, F, padded_d, max_iters, threshold_units, theta_units, k,
@@ -44,6 +64,10 @@ def _resonator_float_kernel(s_ptr, similarity_ptr, projection_ptr, offsets_ptr, 
                     total += tl.sum(tile, axis=0)
                 value = tl.where(total >= 0, 1.0, -1.0)
             tl.store(row_estimates + f * padded_d + cols, value)
+    # Barriers: a [BLOCK_D] or [BLOCK_M] tensor may be replicated across warps (on sm_90 whenever
+    # BLOCK_D < 128); one replica stores to the scratch, every replica loads. A load of what another
+    # warp stored must wait for a barrier: here the product reads the initial estimates.
+    tl.debug_barrier()
     for start in range(0, D, BLOCK_D):
         cols = start + d
         product = tl.load(composite + cols, mask=cols < D, other=1.0)
@@ -67,6 +91,8 @@ def _resonator_float_kernel(s_ptr, similarity_ptr, projection_ptr, offsets_ptr, 
             if known >= 0:  # fixed estimate: carried over to the next parity, nothing else changes
                 for start in range(0, D, BLOCK_D):
                     tl.store(new + f * padded_d + start + d, tl.load(old + f * padded_d + start + d))
+                # The copy is read by the parallel product, the next sweep's copy and the readout.
+                tl.debug_barrier()
             else:
                 # similarities a = X_f u with u = R * xhat_f (R holds xhat_f: multiplying removes it)
                 a = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -83,11 +109,7 @@ def _resonator_float_kernel(s_ptr, similarity_ptr, projection_ptr, offsets_ptr, 
                 if ACTIVATION == 1:
                     w = tl.where(a >= threshold_units, a, 0.0)
                 if ACTIVATION == 2:
-                    # rank of a[i] among valid entries, ties to the lower index; keep ranks below k
-                    other = tl.where(valid, a, float("-inf"))
-                    ahead = (other[None, :] > a[:, None]) | ((other[None, :] == a[:, None]) & (m[None, :] < m[:, None]))
-                    rank = tl.sum(ahead.to(tl.int32), axis=1)
-                    w = tl.where(rank < k, a, 0.0)
+                    w = tl.where(_top_k_mask(a, valid, k, D), a, 0.0)
                 w = tl.where(valid, w, 0.0)
                 tl.debug_barrier()
                 # projection xhat_f = sgn(X_f^T w); sequential sweeps refresh R as they go

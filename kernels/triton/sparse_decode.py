@@ -8,7 +8,9 @@ sparse_t_matmul  wg[i]     = sum_{(n,j): indices[n,j]=i} coef[n,j] * rows[n]    
 All three are memory-bound row gathers: programs stream weight/activation rows (contiguous
 along D, vectorised loads) through int64 offsets and accumulate in fp32 (fp64 for fp64 inputs,
 so gradcheck works); partial sums keep their gather axis and are reduced once, at the end.
-sparse_t_matmul is deterministic: a stable sort groups the (n, j) pairs by latent in increasing
+An index outside [0, M) (possible only with sparse_decode(check_indices=False)) is never read through:
+its entry adds nothing (gather_sum), dots to zero (gather_dot) and falls outside every latent's segment
+(sparse_t_matmul), as in the CUDA kernels. sparse_t_matmul is deterministic: a stable sort groups the (n, j) pairs by latent in increasing
 n*k+j order and each latent's entries are added one at a time in that order; no atomics.
 
 Block sizes differ between the GPU and the CPU interpreter, which pays per operation rather than
@@ -26,7 +28,7 @@ from ._common import accumulator, check_float, interpreting, pow2, to_out
 
 
 @triton.jit
-def _gather_sum_kernel(val_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, N, K, D,
+def _gather_sum_kernel(val_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, N, K, M, D,
                        HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -40,6 +42,7 @@ def _gather_sum_kernel(val_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, N, K, D,
         js = j0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (js < K)[None, :]
         lat = tl.load(idx_ptr + pairs + js[None, :], mask=ok, other=0).to(tl.int64)
+        ok = ok & (lat >= 0) & (lat < M)  # unchecked out-of-range indices add nothing
         v = tl.load(val_ptr + pairs + js[None, :], mask=ok, other=0.0).to(ACC)
         w = tl.load(w_ptr + lat[:, :, None] * D + cols[None, None, :],
                     mask=ok[:, :, None] & col_ok[None, None, :], other=0.0).to(ACC)
@@ -52,18 +55,19 @@ def _gather_sum_kernel(val_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, N, K, D,
 
 
 @triton.jit
-def _gather_dot_kernel(g_ptr, idx_ptr, w_ptr, out_ptr, NK, K, D,
+def _gather_dot_kernel(g_ptr, idx_ptr, w_ptr, out_ptr, NK, K, M, D,
                        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     # One block of flattened (n, j) pairs per program.
     pairs = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = pairs < NK
     g_rows = g_ptr + (pairs // K)[:, None] * D
     lat = tl.load(idx_ptr + pairs, mask=p_ok, other=0).to(tl.int64)
+    lat_ok = p_ok & (lat >= 0) & (lat < M)  # unchecked out-of-range indices: a zero dot
     w_rows = w_ptr + lat[:, None] * D
     acc = tl.zeros((BLOCK_P, BLOCK_D), ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        ok = p_ok[:, None] & (cols < D)[None, :]
+        ok = lat_ok[:, None] & (cols < D)[None, :]
         g = tl.load(g_rows + cols[None, :], mask=ok, other=0.0).to(ACC)
         w = tl.load(w_rows + cols[None, :], mask=ok, other=0.0).to(ACC)
         acc += g * w
@@ -118,7 +122,7 @@ def gather_sum(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor
         block_r, block_k, block_d, warps = 1, 8, min(512, pow2(D)), 4
     grid = (triton.cdiv(N, block_r), triton.cdiv(D, block_d))
     _gather_sum_kernel[grid](values, indices, weight, bias if bias is not None else values, out,
-                             N, K, D, HAS_BIAS=bias is not None, ACC=acc, BLOCK_R=block_r,
+                             N, K, weight.shape[0], D, HAS_BIAS=bias is not None, ACC=acc, BLOCK_R=block_r,
                              BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps)
     return out
 
@@ -140,7 +144,7 @@ def gather_dot(grad: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor) 
     else:
         block_p, block_d, warps = 16, min(256, pow2(D)), 4
     grid = (triton.cdiv(N * K, block_p),)
-    _gather_dot_kernel[grid](grad, indices, weight, out, N * K, K, D, ACC=acc,
+    _gather_dot_kernel[grid](grad, indices, weight, out, N * K, K, weight.shape[0], D, ACC=acc,
                              BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps)
     return out
 

@@ -44,6 +44,9 @@ _NEG_INF = tl.constexpr(float("-inf"))
 def _pack(z, lat):
     """Order-preserving 64-bit key of fp32 value z and latent index lat (broadcastable)."""
     bits = (z + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0.0 into +0.0 so they tie
+    # Every NaN (either sign) becomes the positive quiet NaN, above +inf: NaN ranks first, as in the
+    # reference's descending sort, and NaNs tie among themselves (lower index first).
+    bits = tl.where(z != z, 0x7FC00000, bits)
     # Negative floats order backwards in their bits: flip the magnitude bits to restore the order.
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return (ordered.to(tl.int64) << 32) | (-1 - lat).to(tl.uint32).to(tl.int64)
@@ -147,10 +150,19 @@ def _merge(running, thr, keys, first, LOG_K: tl.constexpr, LOG_BM: tl.constexpr,
 
 
 @triton.jit
+def _dot16(a, b, acc, EMULATE: tl.constexpr):
+    """acc + a @ b for 16-bit a and b. EMULATE (the interpreter, whose bf16 tl.dot gives garbage):
+    the same arithmetic in fp32, where every product of two 16-bit values is exact."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _encode_kernel(x_ptr, w_ptr, benc_ptr, bdec_ptr, dead_ptr, cand_ptr, aux_cand_ptr,
                    N, M, D, lat_per_split, n_splits,
                    HAS_BENC: tl.constexpr, HAS_BDEC: tl.constexpr, HAS_AUX: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, EMULATE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_D: tl.constexpr, LOG_BM: tl.constexpr, K: tl.constexpr,
                    LOG_K: tl.constexpr, KA: tl.constexpr, LOG_KA: tl.constexpr,
                    EXTRACT_MAX: tl.constexpr):
@@ -181,15 +193,23 @@ def _encode_kernel(x_ptr, w_ptr, benc_ptr, bdec_ptr, dead_ptr, cand_ptr, aux_can
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
             xt = tl.load(x_rows + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            wt = tl.trans(tl.load(w_rows + ds[None, :], mask=lat_ok[:, None] & d_ok[None, :],
+                                  other=0.0))
             if HAS_BDEC:
                 b = tl.load(bdec_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
                 xt = xt.to(tl.float32) - b[None, :]
-            wt = tl.load(w_rows + ds[None, :], mask=lat_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_DTYPE == tl.float32:
-                acc = tl.dot(xt.to(DOT_DTYPE), tl.trans(wt.to(DOT_DTYPE)), acc,
-                             input_precision="ieee")
+                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            elif HAS_BDEC:
+                # x - b_dec is exact in fp32 (as in the reference) but not in 16 bits: it is split
+                # into hi + lo 16-bit parts, two dots. Products with 16-bit W are exact, so what
+                # is left of the rounding is lo's: below 2^-16 |x - b_dec| (bf16), 2^-22 (fp16).
+                hi = to_out(xt, DOT_DTYPE)
+                lo = xt - hi.to(tl.float32)
+                lo = to_out(tl.where(lo == lo, lo, 0.0), DOT_DTYPE)  # inf - inf: hi carries the inf
+                acc = _dot16(lo, wt, _dot16(hi, wt, acc, EMULATE_DOT), EMULATE_DOT)
             else:
-                acc = tl.dot(xt.to(DOT_DTYPE), tl.trans(wt.to(DOT_DTYPE)), acc)
+                acc = _dot16(xt, wt, acc, EMULATE_DOT)
         z = acc
         if HAS_BENC:
             z += tl.load(benc_ptr + lats, mask=lat_ok, other=0.0).to(tl.float32)[None, :]
@@ -224,7 +244,9 @@ def _finalize_kernel(cand_ptr, val_ptr, idx_ptr, N, width, k,
     out_cols = tl.arange(0, 2**LOG_K)
     out = rows.to(tl.int64)[:, None] * k + out_cols[None, :]
     ok = row_ok[:, None] & (out_cols < k)[None, :]
-    tl.store(val_ptr + out, to_out(tl.maximum(z, 0.0), val_ptr.dtype.element_ty), mask=ok)
+    # ReLU that keeps NaN (tl.maximum may return the number where one operand is NaN).
+    relu = tl.where(z < 0.0, 0.0, z)
+    tl.store(val_ptr + out, to_out(relu, val_ptr.dtype.element_ty), mask=ok)
     tl.store(idx_ptr + out, lat, mask=ok)
 
 
@@ -267,6 +289,12 @@ def default_config(N: int, M: int, D: int, K: int, KA: int, device: torch.device
     # tile and the bitonic network cost more registers than the accumulator, so tiles are
     # smaller than a plain GEMM's; with aux or K > 64, BLOCK_M = 64 (K > BLOCK_M: round-by-round
     # insertion only).
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return gpu_config(N, M, K, KA, sms)
+
+
+def gpu_config(N: int, M: int, K: int, KA: int, sms: int) -> EncodeConfig:
+    """The GPU launch parameters on a device with `sms` multiprocessors."""
     block_n = 64
     block_m = 128 if KA == 0 and K <= 64 else 64
     block_d = 64
@@ -274,13 +302,38 @@ def default_config(N: int, M: int, D: int, K: int, KA: int, device: torch.device
     tiles = triton.cdiv(M, block_m)
     # ~8 splits keep the per-wave working set (the x row blocks plus one W tile per split) inside
     # L2; more when there are too few row blocks to fill the SMs; each split >= 4 tiles.
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     splits = 8
     while row_blocks * splits < sms and splits < 64:
         splits *= 2
     splits = max(1, min(splits, tiles // 4))
     return EncodeConfig(block_n=block_n, block_m=block_m, block_d=block_d, splits=splits,
                         extract_max=16, num_warps=8, num_stages=3)
+
+
+# One finalize program sorts next_pow2(splits * K) keys of a row: at 2^15 keys it needs 256 KiB of
+# shared memory (issue 13's sm_90 AOT compile), over the 227 KiB an H100/H200 block may have.
+MAX_FINALIZE_KEYS = 1 << 15
+
+
+def finalize_keys(N: int, M: int, k: int, k_aux: int, sms: int) -> tuple[int, int]:
+    """Keys per row the GPU finalize sorts for the top-k and for the top-k_aux (0 without aux)."""
+    K = pow2(max(k, 2))
+    KA = pow2(max(k_aux, 2)) if k_aux else 0
+    cfg = gpu_config(N, M, K, KA, sms)
+    splits = triton.cdiv(M, triton.cdiv(triton.cdiv(M, cfg.block_m), cfg.splits) * cfg.block_m)
+    return pow2(splits * K), pow2(splits * KA) if KA else 0
+
+
+def gpu_unsupported(N: int, M: int, k: int, k_aux: int, device: torch.device) -> str:
+    """Why the GPU kernels cannot run this request, or ''."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    for name, value, keys in zip(("k", "k_aux"), (k, k_aux), finalize_keys(N, M, k, k_aux, sms)):
+        if keys >= MAX_FINALIZE_KEYS:
+            return (f"{name}={value} with {N} rows and {M} latents makes backend='triton' merge "
+                    f"{keys} candidate keys per row in one program, more shared memory than a GPU "
+                    f"block has (at most {MAX_FINALIZE_KEYS // 2}); use backend='cuda' or 'torch', "
+                    f"a smaller {name}, or more rows per call")
+    return ""
 
 
 def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None,
@@ -320,9 +373,8 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
         dead = x  # never read
     b_enc = None if b_enc is None else b_enc.contiguous()
     b_dec = None if b_dec is None else b_dec.contiguous()
-    # bf16 tl.dot gives garbage under the interpreter: feed it fp32 there.
     dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
-                 torch.bfloat16: tl.float32 if interpreting() else tl.bfloat16}[x.dtype]
+                 torch.bfloat16: tl.bfloat16}[x.dtype]
 
     cand = torch.empty((N, splits, K), dtype=torch.int64, device=dev)
     aux_cand = torch.empty((N, splits, KA), dtype=torch.int64, device=dev) if has_aux else cand
@@ -331,7 +383,7 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
         x, W_enc, b_enc if b_enc is not None else x, b_dec if b_dec is not None else x, dead,
         cand, aux_cand, N, M, D, lat_per_split, splits,
         HAS_BENC=b_enc is not None, HAS_BDEC=b_dec is not None, HAS_AUX=has_aux,
-        DOT_DTYPE=dot_dtype, BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_D=cfg.block_d,
+        DOT_DTYPE=dot_dtype, EMULATE_DOT=interpreting() and x.dtype == torch.bfloat16, BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_D=cfg.block_d,
         LOG_BM=_log2(block_m), K=K, LOG_K=_log2(K), KA=max(KA, 2), LOG_KA=_log2(max(KA, 2)),
         EXTRACT_MAX=cfg.extract_max, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

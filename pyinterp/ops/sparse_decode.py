@@ -131,7 +131,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     direction; b_dec (D) or None. Returns (..., D) in values' dtype, accumulated in fp32; no rows in,
     no rows out. Differentiable in values, W_dec and b_dec; the W_dec gradient is deterministic.
     check_indices=False skips the (host-syncing) range check of int32 indices, for indices that come
-    from topk_encode; int64 indices are always checked before they are narrowed to int32.
+    from topk_encode; int64 indices are always checked before they are narrowed to int32. Unchecked
+    out-of-range int32 indices are never read through: cuda and triton count such an entry as zero
+    (forward and backward), cpu checks anyway (it costs no sync there) and raises.
     backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference)."""
     op = "sparse_decode"
     _validation.check_tensor(op, "values", values, dtypes=_validation.FLOAT_DTYPES)

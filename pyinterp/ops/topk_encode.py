@@ -33,11 +33,21 @@ def topk_encode_forward_triton(x: Tensor, W_enc: Tensor, b_enc: Optional[Tensor]
 topk_encode_forward_triton.register_fake(_topk_encode_forward_fake)
 
 
+def _unsupported(backend: str, *, tensors_on: torch.device, rows: int, latents: int, k: int,
+                 k_aux: int) -> str:
+    """Why `backend` cannot run this request (naming the argument), or ''. The Triton kernels on a
+    GPU bound the keys one program merges (kernels/triton/topk_encode.py, MAX_FINALIZE_KEYS); the
+    interpreter has no such bound."""
+    if backend != "triton" or tensors_on.type != "cuda" or rows == 0:
+        return ""
+    return _dispatch.triton_kernels("topk_encode").gpu_unsupported(rows, latents, k, k_aux, tensors_on)
+
+
 SPEC = _dispatch.register(_dispatch.OpSpec("topk_encode", kernels={
     "cuda": lambda: torch.ops.pyinterp.topk_encode_forward,
     "triton": lambda: torch.ops.pyinterp.topk_encode_forward_triton,
     "cpu": lambda: torch.ops.pyinterp.topk_encode_forward,
-}))
+}, supports=_unsupported))
 
 
 @torch.library.custom_op("pyinterp::topk_encode", mutates_args=())
@@ -128,7 +138,8 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int, *, b_dec
     with_aux = dead_mask is not None and k_aux > 0
     dead_mask, k_aux = (dead_mask, k_aux) if with_aux else (None, 0)
     flat_x = x.reshape(-1, width)
-    backend = SPEC.resolve(backend, x.device)
+    backend = SPEC.resolve(backend, x.device, tensors_on=x.device, rows=flat_x.shape[0],
+                           latents=num_latents, k=k, k_aux=k_aux)
     if backend == "torch" or flat_x.shape[0] == 0:  # no rows: the reference's empty result
         outputs = reference.topk_encode(flat_x, W_enc, b_enc, k, b_dec, dead_mask, k_aux, scale,
                                         scaled_values)
