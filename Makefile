@@ -37,8 +37,9 @@ compile-check:
 	cmake -S . -B build/compile-check -G Ninja -DPYINTERP_BUILD_CPU=OFF -DPYINTERP_BUILD_CUDA=ON
 	cmake --build build/compile-check --target cuda_compile_check -j $(MAX_JOBS)
 
+# The full benchmark run (`pyinterp bench --shapes small`: a few minutes; --shapes demo: about one)
 bench: build
-	$(PY) -m pytest -q -p no:cacheprovider benches --benchmark-only
+	$(VENV)/bin/pyinterp bench
 
 clean:
 	rm -rf build *.egg-info pyinterp/_C*.so
