@@ -53,8 +53,9 @@ def pytest_arguments(args) -> list[str]:
         raise SystemExit(f"pyinterp bench: unknown op(s) {', '.join(unknown)}; "
                          f"choose from {', '.join(available_ops(bench_dir))}")
     command = [str(bench_dir / f"bench_{op}.py") for op in ops]
-    # anyio's plugin: imported before pytest starts in `pyinterp demo`, it only warns here
-    command += ["-q", "-p", "no:cacheprovider", "-p", "no:anyio", f"--rootdir={bench_dir}", "-c", os.devnull,
+    # In `pyinterp demo` some plugins' modules (anyio) are imported before pytest starts: pytest only
+    # warns that it cannot rewrite their asserts, which the benches do not use.
+    command += ["-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning", f"--rootdir={bench_dir}", "-c", os.devnull,
                 f"--shapes={args.shapes}", f"--results-dir={args.out}", "-W", "ignore::DeprecationWarning"]
     for option in ("budget", "threads"):
         if getattr(args, option) is not None:
