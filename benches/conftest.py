@@ -10,8 +10,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness import (RESULTS_DIR, ROOFLINE_KEYS, SLOW_REASON, add_baseline_ratios, device_slug,  # noqa: E402
-                     format_table, is_full_run, measure_roofline, roofline_fraction, write_results)
+from harness import (LOAD_AT_START, RESULTS_DIR, ROOFLINE_KEYS, SLOW_REASON, add_baseline_ratios, device_slug,  # noqa: E402
+                     format_table, is_full_run, load_warning, measure_roofline, roofline_fraction,
+                     write_results)
 
 _ROWS: list[dict] = []
 _SUMMARY: list[str] = []
@@ -38,6 +39,12 @@ def pytest_configure(config):
     torch.set_num_threads(config.getoption("--threads") or len(os.sched_getaffinity(0)))
     config.addinivalue_line("markers", "slow: a minute or more; runs in the full run only (not --shapes "
                                        "demo or small)")
+
+
+def pytest_sessionstart(session):
+    warning = load_warning(torch.get_num_threads())
+    if warning:
+        session.config.pluginmanager.getplugin("terminalreporter").write_line(warning)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -99,6 +106,8 @@ def pytest_sessionfinish(session, exitstatus):
             row["roofline_fraction"] = round(roofline_fraction(row["throughput"], row["unit"], roofline), 4)
     add_baseline_ratios(_ROWS)
     _SUMMARY.append(format_table(_ROWS))
+    _SUMMARY.append(f"load average {LOAD_AT_START} at the start, {os.getloadavg()[0]:.2f} at the end, on "
+                    f"{len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} threads")
     if not session.config.getoption("--no-record"):
         for device in sorted({row["device_kind"] for row in _ROWS}):
             path = write_results([r for r in _ROWS if r["device_kind"] == device], device, results_dir)

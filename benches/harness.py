@@ -6,6 +6,7 @@ import ctypes
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -16,6 +17,9 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The 1-minute load average when the run began (this module is imported at its start): the results
+# say how busy the machine was, beside the load when they were written.
+LOAD_AT_START = round(os.getloadavg()[0], 2)
 
 _M_MMAP_THRESHOLD = -3
 # glibc's dynamic mmap threshold settles at its 32 MiB maximum once large blocks have been freed.
@@ -255,7 +259,20 @@ def run_metadata(device: str) -> dict:
         triton_version = "not installed"
     return {"device": device_name(device), "device_kind": device, "torch": torch.__version__,
             "triton": triton_version, "git_sha": _git_sha(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+            "cpu_cores": len(os.sched_getaffinity(0)),
+            "load_average": {"start": LOAD_AT_START, "end": round(os.getloadavg()[0], 2)}}
+
+
+def load_warning(threads: int) -> str:
+    """A warning when other processes keep this machine's cores busy and the run uses several threads:
+    OpenMP threads then mostly wait on each other at their barriers (measured here, load 8 on 2 cores:
+    the PyTorch resonator loop 2.0 s on one thread, 29 s on two)."""
+    cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+    if threads < 2 or load < cores:
+        return ""
+    return (f"warning: load average {load:.1f} on {cores} cores: {threads}-thread timings will mostly measure "
+            "threads waiting for each other; --threads 1 compares the providers on a loaded machine")
 
 
 def measure_roofline(device: str, dtype: torch.dtype) -> dict:

@@ -24,7 +24,8 @@ def add_arguments(parser) -> None:
                              "small and paper shapes with the slow cases (default)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="seconds of interleaved timing rounds per case (default: 1.5 demo, 6 small, "
-                             "20 otherwise; at least 5 rounds beyond the warm-up, 3 for demo)")
+                             "20 otherwise; at least 3, 5 or 7 rounds beyond the warm-up, fewer only where "
+                             "the rounds outlast a ceiling of 4 budgets, 4 s for demo)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device to benchmark (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, default=SOURCE_BENCHES / "results",

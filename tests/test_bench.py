@@ -14,8 +14,9 @@ import pytest
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 sys.path.insert(0, str(BENCHES))
 import readme_table  # noqa: E402
+import harness  # noqa: E402
 from harness import (add_baseline_ratios, calls_per_sample, device_slug, format_table,  # noqa: E402
-                     interleaved_rounds, measure_case, pair_ratio_statistics, quantile,
+                     interleaved_rounds, load_warning, measure_case, pair_ratio_statistics, quantile,
                      ratios_against_baselines, roofline_fraction, time_statistics)
 
 FAKE_BENCH = '''
@@ -156,6 +157,15 @@ def test_measure_case_times_every_provider_in_the_same_rounds():
     assert any(line.startswith("case base: min") for line in lines)
 
 
+def test_load_warning_only_for_several_threads_on_a_busy_machine(monkeypatch):
+    cores = len(harness.os.sched_getaffinity(0))
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    assert "--threads 1" in load_warning(2) and f"on {cores} cores" in load_warning(2)
+    assert load_warning(1) == ""
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (cores - 0.5, 0.0, 0.0))
+    assert load_warning(2) == ""
+
+
 def test_roofline_fraction_on_known_inputs():
     roofline = {"matmul_tflops": 200.0, "copy_gbps": 3000.0}
     assert roofline_fraction(50.0, "TFLOP/s", roofline) == pytest.approx(0.25)
@@ -207,6 +217,7 @@ def test_runner_records_interleaved_and_missing_providers(fake_bench_dir, capsys
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "skipped: peer-missing is not installed" in result.stdout
+    assert "load average" in result.stdout
     # progress lines, each on a line of its own
     lines = result.stdout.splitlines()
     assert "fake tiny-a pyinterp-slow: warm-up" in result.stdout
@@ -215,8 +226,9 @@ def test_runner_records_interleaved_and_missing_providers(fake_bench_dir, capsys
     assert len(rows) == 6
     for row in rows:
         for key in ("op", "shape", "dtype", "direction", "provider", "device", "device_kind", "torch",
-                    "triton", "git_sha", "date"):
+                    "triton", "git_sha", "date", "cpu_cores"):
             assert key in row, key
+        assert set(row["load_average"]) == {"start", "end"}
     measured = {(r["shape"], r["provider"]): r for r in rows if not r.get("skipped")}
     for shape in ("tiny-a", "tiny-b"):
         slow, fast = measured[(shape, "pyinterp-slow")], measured[(shape, "baseline-fast")]
