@@ -44,8 +44,9 @@ compile-check:
 cuda-emu: build
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_cuda_emu.py
 
+# The full benchmark run (`pyinterp bench --shapes small`: a few minutes; --shapes demo: about one)
 bench: build
-	$(PY) -m pytest -q -p no:cacheprovider benches --benchmark-only
+	$(VENV)/bin/pyinterp bench
 
 clean:
 	rm -rf build *.egg-info pyinterp/_C*.so

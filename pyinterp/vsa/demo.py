@@ -29,7 +29,14 @@ def demo(dim: int = 1500, factors: int = 3, size: int = 60, batch: int = 512, se
           f"{result.converged.float().mean():.1%}   sweeps: mean {result.iterations.float().mean():.1f}, "
           f"max {int(result.iterations.max())} (cap {cap})")
     print(f"{seconds:.2f} s, {batch / seconds:,.0f} problems/s")
+    print("read |similarity| (1.0 = the codevector exactly): a bipolar factorisation is defined only up to\n"
+          "sign flips whose product is +1 (negating two factors leaves their product unchanged), so a\n"
+          "correctly decoded factor may come out negated, with similarity -1.0")
     for row in range(3):
+        similarities = result.similarities[row]
+        verdict = "correct up to sign" if bool(solved[row]) else "wrong"
+        signs = "".join("+" if v >= 0 else "-" for v in similarities.tolist())
+        product = "+" if signs.count("-") % 2 == 0 else "-"
         print(f"  problem {row}: target {targets[row].tolist()} -> decoded {result.indices[row].tolist()} "
-              f"after {int(result.iterations[row])} sweeps, similarities "
-              f"{[round(v, 2) for v in result.similarities[row].tolist()]}")
+              f"({verdict}) after {int(result.iterations[row])} sweeps, |similarity| "
+              f"{[round(v, 2) for v in similarities.abs().tolist()]}, signs {signs} (product {product})")
