@@ -1,5 +1,5 @@
 """pyinterp.integrations: each host library's own training step, unpatched vs apply("faithful") vs
-apply("fused"), on the sae.md shapes with half the latents dead (so AuxK runs). Tokens/s and peak
+apply("fused"), on the shapes of docs/sae.md ("Benchmark shapes") with half the latents dead (so AuxK runs). Tokens/s and peak
 memory; speed-up is the unpatched host's step time over the patched one's."""
 from __future__ import annotations
 

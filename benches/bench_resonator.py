@@ -1,6 +1,6 @@
 """Resonator-network search: problems solved per second (B problems to their stop / wall time).
 
-Shapes from resonator.md / issue 5: F=3, D=1500, M=100 and F=4, D=2000, M=40, B in {1, 64, 1024}, the
+Shapes from docs/resonator.md ("Measured") / issue 5: F=3, D=1500, M=100 and F=4, D=2000, M=40, B in {1, 64, 1024}, the
 baseline rule (sequential, OP, identity, fixed-point stop, cap 0.001 M^F). Providers:
   pyinterp-<backend>  each pyinterp backend that runs here (triton only on a GPU: the CPU interpreter
                       is a correctness tool; torch = the float64 reference, B <= 64 only)
@@ -126,7 +126,7 @@ def skip_reason(provider: str, batch: int, config) -> str:
         return _dispatch.unavailable_reason(backend, DEVICE)
     if provider == "torchhd-loop":
         if importlib.util.find_spec("torchhd") is None:
-            return "torch-hd is not installed (optional extra: pip install '.[peers]')"
+            return "torch-hd is not installed (`make setup` installs the pinned peers, requirements-peers*.txt)"
         if DEVICE.type == "cpu" and batch > 64:
             # Measured here: B=64 at F=3 took 78 s (its loop runs to the cap: the parallel rule with
             # sgn(0) = 0 rarely reaches a fixed point for the whole batch).

@@ -1,4 +1,4 @@
-"""Full SAE training step (forward with AuxK, backward, decoder projection, Adam, renorm) on the sae.md
+"""Full SAE training step (forward with AuxK, backward, decoder projection, Adam, renorm) on the docs/sae.md
 shapes: pyinterp's Trainer per backend vs a dense torch trainer (GEMM + torch.topk, embedding_bag
 decode), EleutherAI sparsify's SparseCoder and SAELens, in interleaved rounds. Tokens/s and peak
 memory. Half the latents count as dead, so every provider pays for AuxK."""

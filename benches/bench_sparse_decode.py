@@ -1,5 +1,5 @@
 """sparse_decode: pyinterp backends vs torch's embedding_bag, torch.compile of it, and EleutherAI
-sparsify's decoder, on the sae.md shapes, all providers of a case in interleaved rounds. Roofline
+sparsify's decoder, on the shapes of docs/sae.md ("Benchmark shapes"), all providers of a case in interleaved rounds. Roofline
 unit: GB/s of the bytes a decode must move (forward: the N*k gathered rows + the N x D output;
 backward adds the gather-dot and the sparse^T x dense reads of the same rows and of the N x D
 gradient)."""

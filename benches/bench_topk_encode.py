@@ -1,5 +1,5 @@
 """topk_encode: pyinterp backends vs torch eager (GEMM + torch.topk), torch.compile of it, and
-EleutherAI sparsify's encoder, on the sae.md shapes, all providers of a case in interleaved rounds.
+EleutherAI sparsify's encoder, on the shapes of docs/sae.md ("Benchmark shapes"), all providers of a case in interleaved rounds.
 Roofline unit: TFLOP/s of the 2*N*M*D GEMM."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SAE benchmark shapes of sae.md and what the SAE benches share: which providers run here, the
+"""The SAE benchmark shapes of docs/sae.md ("Benchmark shapes") and what the SAE benches share: which providers run here, the
 provider functions, the timed step of a direction, and the interleaved measurement of one case."""
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def skip_reason(provider: str, shape: str, device: str, option: str) -> str:
         return reason
     peer_packages = {"sparsify": ("sparsify", "eai-sparsify"), "saelens": ("sae_lens", "sae-lens")}
     if provider in peer_packages and importlib.util.find_spec(peer_packages[provider][0]) is None:
-        return f"{peer_packages[provider][1]} is not installed (optional extra: pip install '.[peers]')"
+        return f"{peer_packages[provider][1]} is not installed (`make setup` installs the pinned peers, requirements-peers*.txt)"
     return ""
 
 

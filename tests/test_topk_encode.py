@@ -191,7 +191,7 @@ def test_backward_matches_float64_reference(backend, device, dtype, shape):
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_relu_mask_blocks_gradient_when_fewer_than_k_are_positive(backend, device):
     # Only latents 0 and 1 have positive pre-activations, but k = 4 latents are selected:
-    # the other two are selected with negative z and must receive no gradient (sae.md trap 1).
+    # the other two are selected with negative z and must receive no gradient (docs/sae.md, "Traps", 1).
     d, m, k = 6, 9, 4
     x = torch.ones(1, d, device=device)
     W_enc = -torch.ones(m, d, device=device) * torch.arange(1, m + 1, device=device)[:, None] / 8
@@ -216,7 +216,7 @@ def test_aux_gradient_reaches_encoder(backend, device):
     b_enc = data["b_enc"].clone().requires_grad_()
     outputs = pyinterp.topk_encode(data["x"], W_enc, b_enc, 3, dead_mask=dead, k_aux=4, backend=backend)
     aux_values, aux_indices = outputs[2:]
-    aux_values.sum().backward()  # a loss on the aux activations alone (sae.md trap 2)
+    aux_values.sum().backward()  # a loss on the aux activations alone (docs/sae.md, "Traps", 2)
     fired = aux_indices[aux_values > 0].long().unique()
     assert fired.numel() > 0
     assert W_enc.grad[fired].abs().sum(1).gt(0).all()

@@ -1,4 +1,4 @@
-"""Triton kernels for sparse decoding and the sparse products of both SAE backwards (sae.md).
+"""Triton kernels for sparse decoding and the sparse products of both SAE backwards (docs/sae.md, "Decoder (`sparse_decode`)", "Gradients").
 
 gather_sum       out[n]    = sum_j values[n,j] * weight[indices[n,j]] (+ bias)       (N, D)
 gather_dot       out[n,j]  = <grad[n], weight[indices[n,j]]>                         (N, k)

@@ -1,4 +1,4 @@
-"""Triton kernels for the fused top-k SAE encoder (sae.md):
+"""Triton kernels for the fused top-k SAE encoder (docs/sae.md, "Encoder (`topk_encode`)", "The tie rule: lower index first"):
 
     z = (x - b_dec) @ W_enc^T + b_enc,   values, indices = top-k of z per row (ties -> lower index),
     values = ReLU(values); optionally a second top-k_aux over dead latents only (live ones = -inf).

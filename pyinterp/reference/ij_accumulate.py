@@ -1,5 +1,5 @@
 """ij_accumulate, the specification: one chunk of quadrature nodes of the integrated Jacobian
-(attribution.md; Moeller et al., "An Attribution Method for Siamese Encoders", EMNLP 2023).
+(docs/ij_accumulate.md, "Definition"; Moeller et al., "An Attribution Method for Siamese Encoders", EMNLP 2023).
 
     Jbar_chunk[e, s, d] = sum_k weights[k] * grads[k, e, s, d]
     P_chunk[e, s]       = sum_d Jbar_chunk[e, s, d] * delta[s, d]

@@ -1,4 +1,4 @@
-"""Reference sparse decoder (sae.md) and the sparse products of both SAE backwards."""
+"""Reference sparse decoder (docs/sae.md, "Decoder (`sparse_decode`)") and the sparse products of both SAE backwards."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Reference top-k SAE encoder (sae.md): dense pre-activations, top-k with ties to the lower index."""
+"""Reference top-k SAE encoder (docs/sae.md, "Encoder (`topk_encode`)"): dense pre-activations, top-k with ties to the lower index."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Operational capacity of a resonator network (the protocol of resonator.md).
+"""Operational capacity of a resonator network (docs/resonator.md, "Capacity protocol").
 
 Codebooks i.i.d. Rademacher, targets drawn uniformly, success = every factor decoded, an iteration cap
 per problem size; the operational capacity is the largest M per factor whose all-factor accuracy is
