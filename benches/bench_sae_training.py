@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_shapes import ALL_SHAPES, bench_device, measure_and_record, sae_case, synchronize
+from sae_shapes import ALL_SHAPES, bench_device, measure_and_record, sae_case, sparsify_training, synchronize
 from pyinterp.sae import TensorSource, TrainConfig, Trainer, build_sae
 
 PROVIDERS = ("pyinterp-cuda", "pyinterp-triton", "pyinterp-cpu", "pyinterp-torch", "torch-dense",
@@ -62,19 +62,7 @@ def dense_step(x, latents, k, dead_mask):
 
 
 def sparsify_step(x, latents, k, dead_mask):
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=latents, k=k), device=DEVICE)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-
-    def step():
-        out = sae(x, dead_mask=dead_mask)
-        (out.fvu + AUX_ALPHA * out.auxk_loss).backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
-    return step
+    return sparsify_training(x, latents, k, dead_mask, aux_alpha=AUX_ALPHA)[1]
 
 
 def saelens_step(x, latents, k, dead_mask):

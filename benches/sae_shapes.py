@@ -151,3 +151,21 @@ def measure_and_record(case: SaeCase, steps: dict, record, progress, *, work: fl
     for provider, stats in measured.items():
         record(harness.measured_row({**case.row, "provider": provider}, stats, work=work, unit=unit))
     return measured
+
+
+def sparsify_training(x, latents: int, k: int, dead_mask, *, aux_alpha: float):
+    """(sae, step): EleutherAI sparsify's SparseCoder trained as its Trainer does (forward with
+    AuxK, backward, gradient projection, fused Adam, decoder renorm)."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=latents, k=k), device=x.device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        out = sae(x, dead_mask=dead_mask)
+        (out.fvu + aux_alpha * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+    return sae, step

@@ -302,6 +302,17 @@ def test_sparsify_training_parity(sparsify):
     assert abs(actual - expected) < 1e-3, (actual, expected)
 
 
+def assert_faithful_parity(run, integration):
+    """run() trains from the same seed and batches and returns the held-out FVU: in faithful mode it
+    must land within 1e-3 of the unpatched host's."""
+    expected = run()
+    with integration.apply("faithful"):
+        actual = run()
+    assert expected < 0.5
+    print(f"parity eval FVU host {expected:.6f} faithful {actual:.6f}")
+    assert abs(actual - expected) < 1e-3, (actual, expected)
+
+
 # ---------------------------------------------------------------- dictionary_learning
 @pytest.fixture(scope="module")
 def dictionary_learning():
@@ -438,12 +449,7 @@ def test_dictionary_learning_training_parity(dictionary_learning):
             trainer.update(step, data[step * batch:(step + 1) * batch])
         return held_out_fvu(trainer.ae, data[-512:])
 
-    expected = run()
-    with integration.apply("faithful"):
-        actual = run()
-    assert expected < 0.5
-    print(f"parity eval FVU host {expected:.6f} faithful {actual:.6f}")
-    assert abs(actual - expected) < 1e-3, (actual, expected)
+    assert_faithful_parity(run, integration)
 
 
 # ---------------------------------------------------------------- SAELens
@@ -565,12 +571,7 @@ def test_saelens_training_parity(saelens):
             optimizer.zero_grad()
         return held_out_fvu(sae, data[-512:])
 
-    expected = run()
-    with integration.apply("faithful"):
-        actual = run()
-    assert expected < 0.5
-    print(f"parity eval FVU host {expected:.6f} faithful {actual:.6f}")
-    assert abs(actual - expected) < 1e-3, (actual, expected)
+    assert_faithful_parity(run, integration)
 
 
 # ---------------------------------------------------------------- host SAEs <-> pyinterp.nn

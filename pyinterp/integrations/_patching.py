@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import types
 from typing import Any, Callable
 
 from packaging.version import Version
@@ -106,6 +107,16 @@ class ClassPatches:
             raise RuntimeError(f"{self.integration}.apply: this {type(instance).__name__} is patched already")
         return Patches(f"{self.integration} ({type(instance).__name__} instance)", mode)
 
+    def patch_method(self, cls: type, instance: Any, name: str, function: Callable, mode: str) -> Patches:
+        """Replace method `name` of one instance (when given) or of `cls`, by `function`."""
+        if instance is not None:
+            patches = self.start_instance(instance, name, mode)
+            patches.set(instance, name, types.MethodType(function, instance))
+            return patches
+        patches = self.start(mode)
+        patches.set(cls, name, function)
+        return patches
+
     def revert(self) -> None:
         """Undo the class-level apply() (an instance's: revert() the Patches its apply() returned)."""
         if not self.is_applied():
@@ -128,3 +139,15 @@ def check_functions(module: Any, signatures: dict[str, tuple[str, ...]], distrib
         if function is None:
             raise HostMismatch(f"{qualname} is missing in {distribution} {version}; nothing was patched")
         check_signature(qualname, function, parameters, distribution, version)
+
+
+def checked_host(module_name: str, distribution: str, supported: tuple[str, str],
+                 signatures: dict[str, tuple[str, ...]]) -> tuple[Any, Version]:
+    """The host module `module_name`, imported only after its distribution's version is in the
+    supported range, with every function of `signatures` checked."""
+    import importlib
+
+    version = supported_version(distribution, supported)
+    module = importlib.import_module(module_name)
+    check_functions(module, signatures, distribution, version)
+    return module, version

@@ -23,13 +23,12 @@ No N x M tensor is built in either mode (except `f` for logging). Only `AutoEnco
 dictionaries are supported; another dict_class raises."""
 from __future__ import annotations
 
-import types
 from collections import namedtuple
 
 import torch
 from torch import Tensor
 
-from pyinterp.integrations._patching import ClassPatches, Patches, check_functions, check_mode, supported_version
+from pyinterp.integrations._patching import ClassPatches, Patches, check_mode, checked_host
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
 
@@ -49,12 +48,7 @@ is_applied = _class.is_applied
 
 
 def _host():
-    """dictionary_learning.trainers.top_k after the version and signature checks."""
-    version = supported_version(DISTRIBUTION, SUPPORTED)
-    import dictionary_learning.trainers.top_k as host
-
-    check_functions(host, _SIGNATURES, DISTRIBUTION, version)
-    return host
+    return checked_host("dictionary_learning.trainers.top_k", DISTRIBUTION, SUPPORTED, _SIGNATURES)[0]
 
 
 def _encode(x: Tensor, ae, k: int, **aux):
@@ -140,12 +134,7 @@ def apply(mode: str = "faithful", *, trainer=None) -> Patches:
         if not isinstance(trainer, host.TopKTrainer):
             raise TypeError(f"pyinterp.integrations.dictionary_learning.apply: trainer must be a TopKTrainer, "
                             f"got {type(trainer).__name__}")
-        patches = _class.start_instance(trainer, "loss", mode)
-        patches.set(trainer, "loss", types.MethodType(loss, trainer))
-        return patches
-    patches = _class.start(mode)
-    patches.set(host.TopKTrainer, "loss", loss)
-    return patches
+    return _class.patch_method(host.TopKTrainer, trainer, "loss", loss, mode)
 
 
 # ---- dictionaries to pyinterp.nn modules and back ----

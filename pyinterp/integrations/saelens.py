@@ -27,12 +27,10 @@ Not supported (raises): hooks on `hook_sae_acts_pre` / `hook_sae_acts_post`, act
 normalisation other than "none", `reshape_activations` other than "none"."""
 from __future__ import annotations
 
-import types
 
 import torch
 
-from pyinterp.integrations._patching import (ClassPatches, HostMismatch, Patches, check_functions, check_mode,
-                                             supported_version)
+from pyinterp.integrations._patching import ClassPatches, HostMismatch, Patches, check_mode, checked_host
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
 
@@ -51,11 +49,9 @@ is_applied = _class.is_applied
 
 
 def _host():
-    version = supported_version(DISTRIBUTION, SUPPORTED)
+    host, version = checked_host("sae_lens.saes.topk_sae", DISTRIBUTION, SUPPORTED, _SIGNATURES)
     import sae_lens.saes.sae as sae_module
-    import sae_lens.saes.topk_sae as host
 
-    check_functions(host, _SIGNATURES, DISTRIBUTION, version)
     if not hasattr(sae_module, "TrainStepOutput"):
         raise HostMismatch(f"sae_lens.saes.sae.TrainStepOutput is missing in {DISTRIBUTION} {version}")
     return host, sae_module.TrainStepOutput
@@ -150,12 +146,7 @@ def apply(mode: str = "faithful", *, sae=None) -> Patches:
             raise TypeError(f"pyinterp.integrations.saelens.apply: sae must be a TopKTrainingSAE, "
                             f"got {type(sae).__name__}")
         _unsupported(sae)
-        patches = _class.start_instance(sae, "training_forward_pass", mode)
-        patches.set(sae, "training_forward_pass", types.MethodType(forward, sae))
-        return patches
-    patches = _class.start(mode)
-    patches.set(host.TopKTrainingSAE, "training_forward_pass", forward)
-    return patches
+    return _class.patch_method(host.TopKTrainingSAE, sae, "training_forward_pass", forward, mode)
 
 
 # ---- SAELens SAEs to pyinterp.nn modules and back ----

@@ -31,7 +31,7 @@ import types
 import torch
 from torch import Tensor
 
-from pyinterp.integrations._patching import ClassPatches, Patches, check_functions, check_mode, supported_version
+from pyinterp.integrations._patching import ClassPatches, Patches, check_mode, checked_host
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
 
@@ -51,12 +51,7 @@ is_applied = _class.is_applied
 
 
 def _host():
-    """sparsify.sparse_coder after the version and signature checks."""
-    version = supported_version(DISTRIBUTION, SUPPORTED)
-    import sparsify.sparse_coder as host
-
-    check_functions(host, _SIGNATURES, DISTRIBUTION, version)
-    return host
+    return checked_host("sparsify.sparse_coder", DISTRIBUTION, SUPPORTED, _SIGNATURES)[0]
 
 
 def _compute_dtype(reference: Tensor) -> torch.dtype:
