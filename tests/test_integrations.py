@@ -319,13 +319,13 @@ def dictionary_learning():
     host = pytest.importorskip("dictionary_learning.trainers.top_k",
                                reason="could not import dictionary_learning (pip install -r requirements-peers.txt "
                                       "and --no-deps -r requirements-peers-nodeps.txt)")
-    from pyinterp.integrations import dictionary_learning as integration
-
     # dictionary_learning imports nnsight 0.3, which patches torch at import (FakeTensor.__new__, math,
     # autocast) and would break torch.library.opcheck and torch.compile in every later test.
     import nnsight
 
     nnsight.DEFAULT_PATCHER.__exit__(None, None, None)
+    from pyinterp.integrations import dictionary_learning as integration
+
     return host, integration
 
 
