@@ -319,12 +319,9 @@ def dictionary_learning():
     host = pytest.importorskip("dictionary_learning.trainers.top_k",
                                reason="could not import dictionary_learning (pip install -r requirements-peers.txt "
                                       "and --no-deps -r requirements-peers-nodeps.txt)")
-    # dictionary_learning imports nnsight 0.3, which patches torch at import (FakeTensor.__new__, math,
-    # autocast) and would break torch.library.opcheck and torch.compile in every later test.
-    import nnsight
-
-    nnsight.DEFAULT_PATCHER.__exit__(None, None, None)
     from pyinterp.integrations import dictionary_learning as integration
+
+    integration.undo_nnsight_import_patches()  # else opcheck and torch.compile fail in later tests
 
     return host, integration
 

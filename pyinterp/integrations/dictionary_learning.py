@@ -51,6 +51,16 @@ def _host():
     return checked_host("dictionary_learning.trainers.top_k", DISTRIBUTION, SUPPORTED, _SIGNATURES)[0]
 
 
+def undo_nnsight_import_patches() -> None:
+    """dictionary_learning imports nnsight 0.3, which patches torch for the whole process at import
+    (FakeTensor.__new__, math functions, autocast): torch.compile and torch.library.opcheck then fail
+    with "FakeTensor.__new__() got an unexpected keyword argument". Call this after importing
+    dictionary_learning when the process does not use nnsight's tracing (TopKTrainer does not)."""
+    import nnsight
+
+    nnsight.DEFAULT_PATCHER.__exit__(None, None, None)
+
+
 def _encode(x: Tensor, ae, k: int, **aux):
     return topk_encode(x, ae.encoder.weight, ae.encoder.bias, k, b_dec=ae.b_dec, **aux)
 
