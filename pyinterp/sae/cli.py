@@ -1,6 +1,7 @@
 """`pyinterp train-sae`: train a top-k SAE on a model layer's activations (default: the embedded
-all-MiniLM-L6-v2 on the standard library's docstrings) or on activation shards; and demo(), a short
-training run for `pyinterp demo`."""
+all-MiniLM-L6-v2 on the standard library's docstrings) or on activation shards, or with --corpus
+streamed from a Hugging Face model (pyinterp/sae/stream.py); and demo(), a short training run for
+`pyinterp demo`."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-HELP = "train a top-k SAE on a model layer's activations or on activation shards"
+HELP = ("train top-k SAEs: on a layer of the embedded model, on activation shards, or streamed from any "
+        "Hugging Face model over a corpus (one SAE or transcoder per hookpoint)")
 COMMAND = "train-sae"
 
 
