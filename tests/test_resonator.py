@@ -22,7 +22,10 @@ needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="pyinterp._C is
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not usable here")
 
 
-def on_triton_device(result):
+def triton_resonator(s, codebooks, *, known=None, **kwargs):
+    """backend="triton" on TRITON_DEVICE, the result back on the CPU for comparison."""
+    move = lambda t: None if t is None else t.to(TRITON_DEVICE)  # noqa: E731
+    result = resonator(move(s), [move(c) for c in codebooks], known=move(known), backend="triton", **kwargs)
     return type(result)(*(t.cpu() for t in result))
 
 
@@ -177,9 +180,7 @@ def test_cpu_large_similarities_use_several_limbs():
 def test_triton_matches_reference(variant):
     s, codebooks, _ = problems([5, 7, 3], 40, 4, seed=12)
     expected = resonator(s, codebooks, max_iters=25, backend="torch", **variant)
-    got = resonator(s.to(TRITON_DEVICE), [c.to(TRITON_DEVICE) for c in codebooks], max_iters=25,
-                    backend="triton", **variant)
-    assert_same(on_triton_device(got), expected)
+    assert_same(triton_resonator(s, codebooks, max_iters=25, **variant), expected)
 
 
 @needs_triton
@@ -187,9 +188,7 @@ def test_triton_known_factors_match_reference():
     s, codebooks, targets = problems([6, 9], 48, 3, seed=13)
     known = torch.tensor([[targets[0, 0].item(), -1], [-1, targets[1, 1].item()], [-1, -1]])
     expected = resonator(s, codebooks, max_iters=25, backend="torch", known=known)
-    got = resonator(s.to(TRITON_DEVICE), [c.to(TRITON_DEVICE) for c in codebooks], max_iters=25,
-                    backend="triton", known=known.to(TRITON_DEVICE))
-    assert_same(on_triton_device(got), expected)
+    assert_same(triton_resonator(s, codebooks, max_iters=25, known=known), expected)
 
 
 
@@ -208,10 +207,7 @@ def test_triton_d40_codebooks_of_256_with_known_factors(update, activation):
     known[3, 1] = targets[3, 1]
     variant = dict(update=update, known=known, **activation)
     expected = resonator(s, codebooks, max_iters=12, backend="torch", **variant)
-    variant["known"] = known.to(TRITON_DEVICE)
-    got = resonator(s.to(TRITON_DEVICE), [c.to(TRITON_DEVICE) for c in codebooks], max_iters=12,
-                    backend="triton", **variant)
-    assert_same(on_triton_device(got), expected)
+    assert_same(triton_resonator(s, codebooks, max_iters=12, **variant), expected)
 
 
 @needs_triton
@@ -220,9 +216,7 @@ def test_triton_topk_activation_on_a_codebook_of_1024():
     s, codebooks, _ = problems([1024, 3], 24, 2, seed=22)
     for k in (1, 3):
         expected = resonator(s, codebooks, max_iters=6, backend="torch", activation="topk", k=k)
-        got = resonator(s.to(TRITON_DEVICE), [c.to(TRITON_DEVICE) for c in codebooks], max_iters=6,
-                        backend="triton", activation="topk", k=k)
-        assert_same(on_triton_device(got), expected)
+        assert_same(triton_resonator(s, codebooks, max_iters=6, activation="topk", k=k), expected)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
