@@ -9,7 +9,7 @@
 //
 // General path (larger k or k_aux, or a GPU with too little shared memory): z is materialised in fp32
 // for a bounded chunk of rows (256 MiB), a radix select per row picks the top-k, cub sorts the picks.
-// The spec's default k_aux = D/2 lands here: a per-row AuxK state of thousands of keys does not fit
+// The default k_aux = min(D/2, M) (docs/sae.md, "AuxK") lands here: a per-row AuxK state of thousands of keys does not fit
 // in shared memory (fusing it needs a global-memory candidate buffer per row and split).
 //
 // Ordering: a candidate is one 64-bit key, order-preserving bits of z in the high word and
