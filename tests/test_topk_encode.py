@@ -427,7 +427,7 @@ class TestBadInput:
 
 
 def test_triton_gpu_predicate_routes_large_k_aux_elsewhere(monkeypatch):
-    # k_aux in (256, 512] (K_aux = 512) with few rows on a 132-SM GPU: 64 splits x 512 = 2^15 keys
+    # k_aux in (256, 512] (K_aux = 512) with one row block (16 rows) on a 132-SM GPU: 64 splits x 512 = 2^15 keys
     # per row in one finalize program, over a GPU block's shared memory. Checked without a GPU: the
     # predicate reads the SM count through _sm_count.
     pytest.importorskip("triton")
@@ -437,8 +437,8 @@ def test_triton_gpu_predicate_routes_large_k_aux_elsewhere(monkeypatch):
     kernels = _dispatch.triton_kernels("topk_encode")
     monkeypatch.setattr(kernels, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    request = dict(tensors_on=cuda, rows=256, latents=16384, k=32, k_aux=384)
-    assert kernels.finalize_keys(256, 16384, 32, 384, 132)[1] >= kernels.MAX_FINALIZE_KEYS
+    request = dict(tensors_on=cuda, rows=16, latents=16384, k=32, k_aux=384)
+    assert kernels.finalize_keys(16, 16384, 32, 384, 132)[1] >= kernels.MAX_FINALIZE_KEYS
     with pytest.raises(ValueError, match="k_aux=384"):
         SPEC.resolve("triton", cuda, **request)
     assert SPEC.resolve("auto", cuda, **request) != "triton"
@@ -446,3 +446,25 @@ def test_triton_gpu_predicate_routes_large_k_aux_elsewhere(monkeypatch):
     if _dispatch.triton_interpreting():  # the interpreter has no shared-memory bound
         cpu = torch.device("cpu")
         assert SPEC.resolve("triton", cpu, **dict(request, tensors_on=cpu)) == "triton"
+
+
+@pytest.mark.parametrize("k,k_aux", [(32, 0), (40, 0), (8, 20)])
+def test_triton_gpu_configs_match_reference_under_the_interpreter(k, k_aux):
+    # The GPU tile sizes (gpu_config's three branches: no aux with K <= 32, larger K, aux) are never
+    # launched by the interpreter's own default_config; run each here on exact data.
+    pytest.importorskip("triton")
+    from pyinterp import _dispatch
+    if not _dispatch.triton_interpreting():
+        pytest.skip("needs the Triton interpreter")
+    kernels = _dispatch.triton_kernels("topk_encode")
+    n, d, m = 70, 40, 520  # 9 tiles of 64: two splits
+    K, KA = kernels.pow2(k), kernels.pow2(k_aux) if k_aux else 0
+    config = kernels.gpu_config(n, m, K, KA, sms=132)
+    assert config.block_m == 64 and config.splits > 1  # several splits: the merge path runs too
+    data = exact_sae_data(n, d, m, device="cpu", seed=k)
+    dead = torch.arange(m) % 3 == 0
+    got = kernels.topk_encode_forward(data["x"], data["W_enc"], data["b_enc"], data["b_dec"], k,
+                                      dead, k_aux, config=config)
+    want = _run("torch", "cpu", data, k, dead_mask=dead if k_aux else None, k_aux=k_aux)
+    for got_t, want_t in zip(got, want):
+        torch.testing.assert_close(got_t.to(want_t.dtype), want_t, rtol=0, atol=0)

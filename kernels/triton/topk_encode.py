@@ -284,20 +284,29 @@ def default_config(N: int, M: int, D: int, K: int, KA: int, device: torch.device
         return EncodeConfig(block_n=max(16, min(64, pow2(N))), block_m=block_m,
                             block_d=max(16, min(64, pow2(D))), splits=min(2, tiles),
                             extract_max=16)
-    # GPU (H100 class), untuned: chosen from ptxas reports for sm_90a at 8 warps (255 registers;
-    # no or tens-of-bytes spills without aux, under 1 KB with k_aux <= 256). The 64-bit key
-    # tile and the bitonic network cost more registers than the accumulator, so tiles are
-    # smaller than a plain GEMM's; with aux or K > 64, BLOCK_M = 64 (K > BLOCK_M: round-by-round
-    # insertion only).
+    # GPU (H100 class), not yet timed on one: tiles chosen so that ptxas does not spill (see
+    # gpu_config). The 64-bit key tile and the bitonic network cost more registers than the
+    # accumulator, so tiles are smaller than a plain GEMM's; K > BLOCK_M = 64 uses round-by-round
+    # insertion only.
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return gpu_config(N, M, K, KA, sms)
 
 
 def gpu_config(N: int, M: int, K: int, KA: int, sms: int) -> EncodeConfig:
     """The GPU launch parameters on a device with `sms` multiprocessors."""
-    block_n = 64
-    block_m = 128 if KA == 0 and K <= 64 else 64
-    block_d = 64
+    # From sm_90 ptxas reports (benches/triton_aot_report.py, bf16 with b_dec, 2026-12-02): the
+    # largest tiles that fit 255 registers without spilling. Each thread holds
+    # block_n * (K + KA) * 2 / (32 * num_warps) words of running lists, and the bitonic network
+    # doubles a key tile, so rows per program shrink as the lists grow. No spill up to K = 256
+    # without aux and up to K = 128 with KA = 512 (k_aux = 384, the default at D = 768); larger
+    # lists spill (slow, not wrong; backend='cuda' keeps them in shared memory).
+    block_m = 64
+    if KA:
+        block_n, block_d, num_warps = 16, 16, 4
+    elif K <= 32:
+        block_n, block_d, num_warps = 64, 32, 8
+    else:
+        block_n, block_d, num_warps = 32, 32, 8
     row_blocks = triton.cdiv(N, block_n)
     tiles = triton.cdiv(M, block_m)
     # ~8 splits keep the per-wave working set (the x row blocks plus one W tile per split) inside
@@ -307,7 +316,7 @@ def gpu_config(N: int, M: int, K: int, KA: int, sms: int) -> EncodeConfig:
         splits *= 2
     splits = max(1, min(splits, tiles // 4))
     return EncodeConfig(block_n=block_n, block_m=block_m, block_d=block_d, splits=splits,
-                        extract_max=16, num_warps=8, num_stages=3)
+                        extract_max=16, num_warps=num_warps, num_stages=3)
 
 
 # One finalize program sorts next_pow2(splits * K) keys of a row: at 2^15 keys it needs 256 KiB of
