@@ -45,10 +45,10 @@ if "res" in which:
                 "running_ptr": "*fp32", "indices_ptr": "*i32", "iterations_ptr": "*i32", "converged_ptr": "*i8",
                 "similarities_ptr": "*fp32"})
     sig.update({n: "i32" for n in ("D", "F", "padded_d", "max_iters", "threshold_units", "theta_units", "k")})
-    for bm, bd in ((512, 32), (128, 64)):  # D=40 with a 300-codevector codebook; D=40 with M <= 128
+    for bm, bd in ((512, 16), (128, 64)):  # the GPU tiles of a 300- and a 100-codevector codebook
         compile_one(f"resonator_M{bm}_D{bd}", resonator._resonator_float_kernel, dict(sig),
                     {"PARALLEL": False, "ACTIVATION": 2, "STOP_ON_SIMILARITY": False, "HAS_KNOWN": True,
-                     "BLOCK_M": bm, "BLOCK_D": bd})
+                     "BLOCK_M": bm, "BLOCK_D": bd}, num_warps=8)
 if "topk" in which:
     import triton.language as tl
     from pyinterp._kernels.triton import topk_encode as te

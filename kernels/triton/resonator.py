@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting
+
 ACTIVATION_CODES = {"identity": 0, "threshold": 1, "topk": 2}
 
 
@@ -170,7 +172,12 @@ def resonator_float(s: torch.Tensor, similarity_codebooks: torch.Tensor, project
     factors = len(sizes)
     device = s.device
     block_m = max(16, triton.next_power_of_2(max(sizes)))
-    block_d = max(16, min(256, triton.next_power_of_2(dim), 16384 // block_m))
+    # A codebook tile of at most 8192 fp32 over 8 warps fits sm_90's 255 registers without spilling
+    # up to M_f = 512 (benches/triton_aot_report.py res, 2026-12-02; 16384 over 4 warps spilled
+    # 0.9-3.2 KB); larger codebooks spill (slow, not wrong). The interpreter pays per operation:
+    # wider tiles there.
+    tile_elements, num_warps = (16384, 4) if interpreting() else (8192, 8)
+    block_d = max(16, min(256, triton.next_power_of_2(dim), tile_elements // block_m))
     padded_d = triton.cdiv(dim, block_d) * block_d
     offsets = torch.tensor([sum(sizes[:f]) for f in range(factors)], dtype=torch.int64, device=device)
     sizes_tensor = torch.tensor(sizes, dtype=torch.int32, device=device)
@@ -187,6 +194,6 @@ def resonator_float(s: torch.Tensor, similarity_codebooks: torch.Tensor, project
             converged, similarities, dim, factors, padded_d, max_iters, threshold_units, theta_units, k,
             PARALLEL=parallel, ACTIVATION=ACTIVATION_CODES[activation],
             STOP_ON_SIMILARITY=stop == "similarity", HAS_KNOWN=known is not None,
-            BLOCK_M=block_m, BLOCK_D=block_d)
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
     cycle = torch.zeros((batch,), dtype=torch.int32, device=device)
     return indices, iterations, converged.bool(), cycle, similarities
