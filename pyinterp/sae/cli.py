@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 HELP = ("train top-k SAEs: on a layer of the embedded model, on activation shards, or streamed from any "
-        "Hugging Face model over a corpus (one SAE or transcoder per hookpoint)")
+        "Hugging Face model over a corpus (one SAE or transcoder per hookpoint, or one cross-layer "
+        "transcoder over several)")
 COMMAND = "train-sae"
 
 

@@ -402,6 +402,7 @@ def run_streaming(args) -> int:
                     raise CommandError(f"--clt {args.clt}: the hookpoints differ in width ("
                                        + ", ".join(f"{p.name}: {widths[p.name]}" for p in group) + ")")
             jobs[clt_job] = sources[clt_ins[0].name].joined(tuple(p.name for p in clt_ins + clt_outs))
+            clt_shape = (len(clt_ins), widths[clt_ins[0].name], widths[clt_outs[0].name])  # L, d_in, d_out
         jobs = {name: jobs[name] for name in hookpoints_of_rank(list(jobs), rank, world)}
         config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size,
                              grad_accumulation=args.grad_accumulation, lr=args.lr,
@@ -412,17 +413,15 @@ def run_streaming(args) -> int:
             folder = out / folder_name(name)
             if args.resume and not (folder / MANIFEST).is_file():
                 raise CommandError(f"--resume: no checkpoint in {folder}")
-            if name == clt_job:  # L*M latents; L*M*d_in + L(L+1)/2*M*d_out parameters
-                layers, d_in, d_out = len(clt_ins), sources[clt_ins[0].name].d_model, sources[clt_outs[0].name].d_model
+            if name == clt_job:  # L*M latents and L*M*d_in + L(L+1)/2*M*d_out parameters
+                layers, d_in, d_out = clt_shape
                 _check_disk_space(out, args.latents * layers, -(-(d_in + (layers + 1) * d_out // 2) // 2))
             else:
                 _check_disk_space(out, args.latents, jobs[name].d_model)
 
         def make_trainer(name, source):
             if name == clt_job:
-                sae = CrossLayerTranscoder(len(clt_ins), sources[clt_ins[0].name].d_model,
-                                           sources[clt_outs[0].name].d_model, args.latents, args.k,
-                                           backend=args.backend, aux_alpha=args.aux_alpha, seed=args.seed,
+                sae = CrossLayerTranscoder(*clt_shape, args.latents, args.k, backend=args.backend, aux_alpha=args.aux_alpha, seed=args.seed,
                                            device=device, **({} if args.k_aux is None else {"k_aux": args.k_aux}))
             elif "=" in name:
                 a, b = name.split("=", 1)
