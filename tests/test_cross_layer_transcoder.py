@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pyinterp.nn import CrossLayerTranscoder
 from pyinterp.reference import cross_layer_transcoder as reference
-from helpers import backends, exact_like
+from helpers import assert_close_to_float64, backends, exact_like
 
 BACKENDS = [b for b in backends("topk_encode") if b in backends("sparse_decode")]
 FLOAT64_BACKENDS = [b for b in BACKENDS if b != "triton"]  # the Triton encoder has no float64 path
@@ -87,6 +87,35 @@ def test_sparse_forward_and_backward_equal_the_dense_clt_in_float64(backend, sha
 def test_every_backend_in_float32_on_exact_data_equals_the_float64_dense_clt(backend, shape):
     clt, rows, dead = exact_clt(shape, backend, torch.float32, seed=sum(shape))
     check_against_dense(clt, rows, dead, 2e-5)
+
+
+def linear_probe(clt, rows, weights, dtype, *, dense):
+    """y_hat and the gradients of sum(y_hat * weights) in `dtype`: the CLT's sparse path, or the dense
+    reference on copies of its parameters."""
+    x = clt._split(rows)[0].to(dtype)
+    if dense:
+        params = {name: p.detach().to(dtype).requires_grad_() for name, p in clt.named_parameters()}
+        y_hat = reference.cross_layer_transcoder(x, params["W_enc"], params["b_enc"],
+                                                 [params[f"W_dec.{t}"] for t in range(clt.n_layers)],
+                                                 params["b_dec"], clt.k)[0]
+    else:
+        params = dict(clt.named_parameters())
+        clt.zero_grad()
+        y_hat = clt.transcode(x)
+    (y_hat.double() * weights).sum().backward()
+    return {"y_hat": y_hat, **{f"grad {name}": p.grad for name, p in params.items()}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward_and_backward_within_dtype_tolerance(backend, dtype):
+    clt, rows, _ = exact_clt(SHAPES[1], backend, dtype, seed=9)
+    weights = exact_like((rows.shape[0], clt.n_layers, clt.d_out), seed=99).double()
+    got = linear_probe(clt, rows, weights, dtype, dense=False)
+    ref_lowp = linear_probe(clt, rows, weights, dtype, dense=True)
+    ref64 = linear_probe(clt, rows, weights, torch.float64, dense=True)
+    for name in ref64:
+        assert_close_to_float64(got[name], ref_lowp[name], ref64[name], name)
 
 
 def test_without_dead_latents_the_aux_loss_is_zero_and_decode_of_encode_is_transcode():

@@ -238,10 +238,10 @@ class CrossLayerTranscoder(nn.Module):
             _validation.check_tensor(type(self).__name__, "dead_mask", dead_mask, dtypes=(torch.bool,))
             _validation.check_shape(type(self).__name__, "dead_mask", dead_mask, (self.n_latents,),
                                     "one flag per latent, n_layers * latents_per_layer")
-        x, y = self._cast(x, y)
+        (x,) = self._cast(x)
         values, indices, aux_values, aux_indices = self._encode(x, dead_mask)
         y_hat = self._decode(values, indices, self.k, True)
-        target = y.to(accumulator_dtype(y.dtype))
+        target = y.to(accumulator_dtype(x.dtype))  # losses in fp32 (float64 stays float64), y never rounded
         fvu = torch.stack([(target[:, t] - y_hat[t].to(target.dtype)).pow(2).sum()
                            / total_variance(target[:, t], variance_floor) for t in range(self.n_layers)])
         if aux_values is None:
