@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 HELP = ("train top-k SAEs: on a layer of the embedded model, on activation shards, or streamed from any "
-        "Hugging Face model over a corpus (one SAE or transcoder per hookpoint)")
+        "Hugging Face model over a corpus (one SAE or transcoder per hookpoint, or one cross-layer "
+        "transcoder over several)")
 COMMAND = "train-sae"
 
 
@@ -49,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train a transcoder from hookpoint IN to hookpoint OUT (e.g. "
                              "model.layers.3.mlp:input=model.layers.3.mlp); repeatable")
     stream.add_argument("--skip-connection", action="store_true", help="transcoders get a linear skip")
+    stream.add_argument("--clt", default=None, metavar="GLOB",
+                        help="train one cross-layer transcoder over the modules GLOB matches (e.g. "
+                             "'model.layers.*.mlp'): each reads its module's input and writes into the "
+                             "outputs of it and every later one; --latents and --k are per layer")
     stream.add_argument("--context-length", type=integer_at_least(2, ">= 2"), default=128)
     stream.add_argument("--exclude-first-token", action="store_true",
                         help="drop the first position of every window (BOS), as SAE papers do")

@@ -225,6 +225,11 @@ class StreamedHookpoint(ActivationSource):
         return StreamedHookpoint(self.stream, self.names + target.names, self._identity, self.batch_size,
                                  self.seed)
 
+    def joined(self, names: tuple[str, ...]) -> "StreamedHookpoint":
+        """The rows of several hookpoints of this stream side by side, in the order given (a
+        cross-layer transcoder's inputs, then its targets: pyinterp/nn/cross_layer_transcoder.py)."""
+        return StreamedHookpoint(self.stream, tuple(names), self._identity, self.batch_size, self.seed)
+
     def shuffled(self, batch_size: int, seed: int) -> "StreamedHookpoint":
         if (batch_size, seed) != (self.batch_size, self.seed):
             raise ValueError(f"the stream of {self.name} was built for batch_size={self.batch_size}, "
@@ -326,15 +331,29 @@ def hookpoints_of_rank(names: list[str], rank: int, world_size: int) -> list[str
     return mine
 
 
+def cross_layer_points(model, pattern: str) -> tuple[list, list]:
+    """`--clt PATTERN`: (inputs, outputs) hookpoints of the modules the glob names, in model order;
+    the inputs all of one width and the outputs too (checked by the caller on the probe)."""
+    outputs = hookpoints_module.resolve(model, [pattern])
+    inputs = hookpoints_module.resolve(model, [pattern + hookpoints_module.INPUT_SUFFIX])
+    return inputs, outputs
+
+
+def clt_job_name(pattern: str) -> str:
+    """The job (and output folder) of `--clt PATTERN`: clt-<pattern> with its wildcards spelt out."""
+    return "clt-" + pattern.replace("**", "all").replace("*", "all").replace("?", "any")
+
+
 def run_streaming(args) -> int:
     """`pyinterp train-sae --corpus ...`: one SAE per hookpoint (and one transcoder per --transcode) in
-    OUT/<hookpoint>/, streamed from the model; with torchrun, the hookpoints are spread over ranks."""
+    OUT/<hookpoint>/, and with --clt one cross-layer transcoder over the matched modules in
+    OUT/clt-<pattern>/, streamed from the model; with torchrun, the jobs are spread over ranks."""
     import os
     import sys
     import time
 
     from pyinterp.cli import CommandError, check_writable_folder, report
-    from pyinterp.nn import TopKTranscoder
+    from pyinterp.nn import CrossLayerTranscoder, TopKTranscoder
     from pyinterp.sae.cache import folder_name, load_model
     from pyinterp.sae.checkpoint import MANIFEST, CheckpointError
     from pyinterp.sae.cli import COMMAND, _check_arguments, _check_backend, _check_disk_space, _device
@@ -348,8 +367,8 @@ def run_streaming(args) -> int:
         if args.parallel != "none":
             raise CommandError("--corpus spreads hookpoints over the processes of torchrun; --parallel "
                                "(ddp, latents) applies to --shards and the embedded default")
-        if not args.hookpoints and args.layers is None and not args.transcode:
-            raise CommandError("--corpus needs --hookpoints, --layers or --transcode")
+        if not args.hookpoints and args.layers is None and not args.transcode and not args.clt:
+            raise CommandError("--corpus needs --hookpoints, --layers, --transcode or --clt")
         if not Path(args.corpus).exists():
             raise CommandError(f"--corpus {args.corpus} does not exist")
         check_sinks(args.log_to)
@@ -367,13 +386,23 @@ def run_streaming(args) -> int:
         plain = hookpoints_module.resolve(model, args.hookpoints, args.layers) if (
             args.hookpoints or args.layers is not None) else []
         ends = hookpoints_module.resolve(model, [name for pair in pairs for name in pair]) if pairs else []
-        points = list({p.name: p for p in plain + ends}.values())
+        clt_ins, clt_outs = cross_layer_points(model, args.clt) if args.clt else ([], [])
+        points = list({p.name: p for p in plain + ends + clt_ins + clt_outs}.values())
         sources = streamed_sources(model, tokenizer, args.corpus, points, batch_size=args.batch_size,
                                    seed=args.seed, context_length=args.context_length,
                                    exclude_first=args.exclude_first_token, buffer_tokens=args.buffer_tokens,
                                    model_name=model_name, text_column=args.text_column)
         jobs = {p.name: sources[p.name] for p in plain}
         jobs.update({f"{a}={b}": sources[a].paired_with(sources[b]) for a, b in pairs})
+        clt_job = clt_job_name(args.clt) if args.clt else None
+        if clt_job:
+            widths = {p.name: sources[p.name].d_model for p in clt_ins + clt_outs}
+            for group in (clt_ins, clt_outs):
+                if len({widths[p.name] for p in group}) > 1:
+                    raise CommandError(f"--clt {args.clt}: the hookpoints differ in width ("
+                                       + ", ".join(f"{p.name}: {widths[p.name]}" for p in group) + ")")
+            jobs[clt_job] = sources[clt_ins[0].name].joined(tuple(p.name for p in clt_ins + clt_outs))
+            clt_shape = (len(clt_ins), widths[clt_ins[0].name], widths[clt_outs[0].name])  # L, d_in, d_out
         jobs = {name: jobs[name] for name in hookpoints_of_rank(list(jobs), rank, world)}
         config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size,
                              grad_accumulation=args.grad_accumulation, lr=args.lr,
@@ -384,10 +413,17 @@ def run_streaming(args) -> int:
             folder = out / folder_name(name)
             if args.resume and not (folder / MANIFEST).is_file():
                 raise CommandError(f"--resume: no checkpoint in {folder}")
-            _check_disk_space(out, args.latents, jobs[name].d_model)
+            if name == clt_job:  # L*M latents and L*M*d_in + L(L+1)/2*M*d_out parameters
+                layers, d_in, d_out = clt_shape
+                _check_disk_space(out, args.latents * layers, -(-(d_in + (layers + 1) * d_out // 2) // 2))
+            else:
+                _check_disk_space(out, args.latents, jobs[name].d_model)
 
         def make_trainer(name, source):
-            if "=" in name:
+            if name == clt_job:
+                sae = CrossLayerTranscoder(*clt_shape, args.latents, args.k, backend=args.backend, aux_alpha=args.aux_alpha, seed=args.seed,
+                                           device=device, **({} if args.k_aux is None else {"k_aux": args.k_aux}))
+            elif "=" in name:
                 a, b = name.split("=", 1)
                 sae = TopKTranscoder(sources[a].d_model, sources[b].d_model, args.latents, args.k,
                                      skip_connection=args.skip_connection, backend=args.backend,
