@@ -2,6 +2,7 @@
 JumpReLU, and a few optimiser steps lower the loss."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pyinterp.nn import JumpReLUSAE
@@ -60,3 +61,29 @@ def test_training_steps_lower_the_loss():
         loss.backward()
         optimiser.step()
     assert sae(x).loss.item() < first
+
+
+def test_trainer_and_cli_build_and_train_a_jumprelu_sae():
+    import argparse
+
+    from pyinterp.sae import TensorSource, TrainConfig, Trainer, build_sae
+    from pyinterp.sae.cli import add_arguments, sae_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    jumprelu = ["--architecture", "jumprelu", "--latents", "40", "--k", "4", "--bandwidth", "0.2",
+                "--l0-coefficient", "0.05"]
+    assert sae_options(parser.parse_args(jumprelu))[0] == 16, "the cap defaults to 4 x --k"
+    args = parser.parse_args(jumprelu + ["--max-active", "40"])
+    max_active, options = sae_options(args)
+    assert max_active == 40 and options == {"bandwidth": 0.2, "l0_coefficient": 0.05}
+    sae = build_sae(args.architecture, 12, args.latents, max_active, **options)
+    assert isinstance(sae, JumpReLUSAE) and sae.max_active == 40
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(2))
+    trainer = Trainer(sae, TensorSource(x), TrainConfig(tokens=128, batch_size=32, lr=1e-2, progress=False))
+    before = sae.threshold.detach().clone()
+    for _ in range(2):
+        trainer.train_step()
+    metrics = trainer.collect_metrics(1.0, 2)
+    assert metrics["aux_loss"] == pytest.approx(0.05 * metrics["l0"], rel=1e-5)
+    assert not torch.equal(sae.threshold.detach(), before), "the trainer must move the thresholds"
