@@ -87,3 +87,17 @@ def test_trainer_and_cli_build_and_train_a_jumprelu_sae():
     metrics = trainer.collect_metrics(1.0, 2)
     assert metrics["aux_loss"] == pytest.approx(0.05 * metrics["l0"], rel=1e-5)
     assert not torch.equal(sae.threshold.detach(), before), "the trainer must move the thresholds"
+
+
+@pytest.mark.parametrize("backend", [b for b in backends("threshold_encode") if b != "triton"])
+def test_jumprelu_training_step_has_no_host_sync(backend):
+    from pyinterp.sae import TensorSource, TrainConfig, Trainer, build_sae
+    from test_sae_training import _HostSyncDetector
+
+    sae = build_sae("jumprelu", 12, 40, 12, backend=backend, bandwidth=0.2, init_threshold=0.1)
+    trainer = Trainer(sae, TensorSource(torch.randn(128, 12, generator=torch.Generator().manual_seed(3))),
+                      TrainConfig(tokens=4000, batch_size=32, progress=False))
+    trainer.train_step()
+    with _HostSyncDetector() as detector:
+        trainer.train_step()
+    assert detector.syncs == []

@@ -36,12 +36,6 @@ class ThresholdEncodeOutput(NamedTuple):
     truncated_rows: Tensor
 
 
-def _supports(backend: str, *, dtype: torch.dtype) -> str:
-    if backend == "triton" and dtype == torch.float64:
-        return "the triton encoder takes float32, float16 or bfloat16 x, got float64 (use cpu, cuda or torch)"
-    return ""
-
-
 @torch.library.register_fake("pyinterp::threshold_encode_forward")
 def _threshold_encode_forward_fake(x, W_enc, b_enc, b_dec, lower, max_active):
     n = x.shape[0]
@@ -59,7 +53,10 @@ def _select_with_topk(backend, x, W_enc, b_enc, b_dec, lower, max_active):
     selected = min(max_active + 1, num_latents)
     shifted, indices = topk_encode.SPEC.kernel(backend)(x, W_enc, shifted_bias.contiguous(), b_dec, selected,
                                                         None, 0)[:2]
-    truncated = shifted[:, max_active] > 0 if selected > max_active else shifted.new_zeros(x.shape[0], dtype=torch.bool)
+    if selected > max_active:
+        truncated = shifted[:, max_active] > 0
+    else:
+        truncated = shifted.new_zeros(x.shape[0], dtype=torch.bool)
     listed = shifted[:, :max_active] > 0
     indices = torch.where(listed, indices[:, :max_active], num_latents).sort(1).values
     listed = indices < num_latents
