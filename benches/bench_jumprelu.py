@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pyinterp
-from sae_shapes import ALL_SHAPES, bench_device, measure_and_record, sae_case, synchronize
+from sae_shapes import ALL_SHAPES, bench_device, measure_and_record, sae_case, saelens_training, synchronize
 from pyinterp.sae import TensorSource, TrainConfig, Trainer, build_sae
 
 ENCODE_PROVIDERS = ("pyinterp-cuda", "pyinterp-triton", "pyinterp-cpu", "torch-dense", "saelens")
@@ -94,10 +94,8 @@ def pyinterp_train_step(backend, x, W_enc, b_enc, b_dec, W_dec, threshold, cap):
 
 
 def saelens_train_step(x, W_enc, b_enc, b_dec, W_dec, threshold):
-    """SAELens' JumpReLU training SAE driven as its SAETrainer._train_step does: forward with the L0
-    loss, the firing bookkeeping, backward, grad-norm clipping, Adam."""
+    """SAELens' JumpReLU training SAE ("step" L0 loss) driven as its SAETrainer._train_step does."""
     from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-    from sae_lens.saes.sae import TrainStepInput
 
     latents, width = W_enc.shape
     sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
@@ -107,22 +105,7 @@ def saelens_train_step(x, W_enc, b_enc, b_dec, W_dec, threshold):
         for name, value in (("W_enc", W_enc.T), ("b_enc", b_enc), ("b_dec", b_dec), ("W_dec", W_dec),
                             ("threshold", threshold)):
             getattr(sae, name).copy_(value)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    since_fired = torch.zeros(latents, device=DEVICE)
-
-    def step():
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
-            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l0": L0_COEFFICIENT},
-                                                           dead_neuron_mask=None, n_training_steps=0,
-                                                           is_logging_step=False))
-            with torch.no_grad():
-                since_fired.add_(1)
-                since_fired[out.feature_acts.bool().any(0)] = 0
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-    return step
+    return saelens_training(sae, x, coefficients={"l0": L0_COEFFICIENT}, dead_mask=None)
 
 
 @pytest.mark.parametrize("shape", list(ALL_SHAPES))

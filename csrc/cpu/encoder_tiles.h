@@ -2,7 +2,7 @@
 // tiled pre-activation GEMM, z = (x - b_dec) @ W^T for a block of rows x a tile of latents at a time
 // (one single-threaded BLAS call; threads split the row blocks), handed tile by tile to a per-thread
 // scanner so that the N x M pre-activations never exist (memory O(threads x tile)); and the (value,
-// index) keys their selections rank by.
+// index) keys their selections rank by; and the checks and conversions of their common inputs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +14,47 @@
 #include <cstring>
 #include <limits>
 
+#include "checks.h"
+
 namespace pyinterp::cpu {
+
+// A fused encoder's common inputs, checked (each error names the op and the argument) and converted
+// once, not per tile: x contiguous; W, bias (zeros without b_enc) and center (b_dec) contiguous in the
+// accumulator dtype. Detached: the worker threads run with grad mode on, and ATen's out= ops refuse
+// inputs that require grad.
+struct EncoderInputs {
+  int64_t N, D, M;
+  at::Tensor x, W, bias;
+  c10::optional<at::Tensor> center;
+};
+
+inline EncoderInputs prepare_encoder_inputs(const char* op, const at::Tensor& x, const at::Tensor& W_enc,
+                                            const c10::optional<at::Tensor>& b_enc,
+                                            const c10::optional<at::Tensor>& b_dec) {
+  check_matrix(op, "x", x);
+  check_matrix(op, "W_enc", W_enc);
+  check_float(op, "x", x);
+  check_float(op, "W_enc", W_enc);
+  const int64_t N = x.size(0), D = x.size(1), M = W_enc.size(0);
+  TORCH_CHECK(W_enc.size(1) == D, op, ": W_enc must be (M, D) with D = x.size(1) = ", D, ", got shape ",
+              W_enc.sizes());
+  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(), op,
+              ": at most 2^31 - 1 latents (int32 indices), W_enc has ", M);
+  if (b_enc.has_value()) {
+    check_vector(op, "b_enc", *b_enc, M, "M = W_enc.size(0)");
+    check_float(op, "b_enc", *b_enc);
+  }
+  if (b_dec.has_value()) {
+    check_vector(op, "b_dec", *b_dec, D, "D = x.size(1)");
+    check_float(op, "b_dec", *b_dec);
+  }
+  const auto acc = acc_dtype(x.scalar_type());
+  EncoderInputs in{N, D, M, x.detach().contiguous(), W_enc.detach().to(acc).contiguous(),
+                   b_enc.has_value() ? b_enc->detach().to(acc).contiguous() : at::zeros({M}, x.options().dtype(acc)),
+                   c10::nullopt};
+  if (b_dec.has_value()) in.center = b_dec->detach().to(acc).contiguous();
+  return in;
+}
 
 // Tuned on 2 cores at N=4096, D=384, M=16384, k=32 (fp32): a 128 x 2048 fp32 tile is 1 MiB, it stays
 // in L2 between the GEMM that writes it and the scan that reads it.

@@ -149,27 +149,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> threshold_encode_forw
     const at::Tensor& x, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
     const c10::optional<at::Tensor>& b_dec, const at::Tensor& lower, int64_t max_active) {
   const char* op = "threshold_encode_forward";
-  check_matrix(op, "x", x);
-  check_matrix(op, "W_enc", W_enc);
-  check_float(op, "x", x);
-  check_float(op, "W_enc", W_enc);
-  const int64_t N = x.size(0), D = x.size(1), M = W_enc.size(0);
-  TORCH_CHECK(W_enc.size(1) == D, op, ": W_enc must be (M, D) with D = x.size(1) = ", D, ", got shape ",
-              W_enc.sizes());
-  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(), op,
-              ": at most 2^31 - 1 latents (int32 indices), W_enc has ", M);
+  const EncoderInputs in = prepare_encoder_inputs(op, x, W_enc, b_enc, b_dec);
+  const int64_t N = in.N, M = in.M;
   TORCH_CHECK(max_active >= 1 && max_active <= M, op, ": max_active must be in [1, M = ", M, "], got ",
               max_active);
   check_vector(op, "lower", lower, M, "M = W_enc.size(0)");
   check_float(op, "lower", lower);
-  if (b_enc.has_value()) {
-    check_vector(op, "b_enc", *b_enc, M, "M = W_enc.size(0)");
-    check_float(op, "b_enc", *b_enc);
-  }
-  if (b_dec.has_value()) {
-    check_vector(op, "b_dec", *b_dec, D, "D = x.size(1)");
-    check_float(op, "b_dec", *b_dec);
-  }
 
   const auto acc = acc_dtype(x.scalar_type());
   at::Tensor preacts = at::empty({N, max_active}, x.options().dtype(acc));
@@ -178,26 +163,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> threshold_encode_forw
   at::Tensor truncated = at::empty({N}, x.options().dtype(at::kBool));
   if (N == 0) return {preacts, indices, listed, truncated};
 
-  // Converted once, detached (the worker threads run with grad mode on; out= ops refuse inputs that
-  // require grad), as in topk_encode.
-  const at::Tensor xc = x.detach().contiguous();
-  const at::Tensor W = W_enc.detach().to(acc).contiguous();
-  const at::Tensor bias = b_enc.has_value() ? b_enc->detach().to(acc).contiguous()
-                                            : at::zeros({M}, x.options().dtype(acc));
   const at::Tensor low = lower.detach().to(acc).contiguous();
-  c10::optional<at::Tensor> center;
-  if (b_dec.has_value()) center = b_dec->detach().to(acc).contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "threshold_encode_forward", [&] {
     using acc_t = acc_type<scalar_t>;
     const EncoderTiling tiling(N, M);
-    const acc_t* bias_p = bias.data_ptr<acc_t>();
+    const acc_t* bias_p = in.bias.data_ptr<acc_t>();
     const acc_t* lower_p = low.data_ptr<acc_t>();
     acc_t* preacts_p = preacts.data_ptr<acc_t>();
     int32_t* indices_p = indices.data_ptr<int32_t>();
     int32_t* listed_p = listed.data_ptr<int32_t>();
     bool* truncated_p = truncated.data_ptr<bool>();
-    scan_preactivation_tiles<acc_t>(xc, W, center, tiling, [&](int64_t rows) {
+    scan_preactivation_tiles<acc_t>(in.x, in.W, in.center, tiling, [&](int64_t rows) {
       return ThresholdScanner<acc_t>(rows, max_active, M, bias_p, lower_p, preacts_p, indices_p, listed_p,
                                      truncated_p);
     });

@@ -259,25 +259,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_forward_c
     const c10::optional<at::Tensor>& b_dec, int64_t k, const c10::optional<at::Tensor>& dead_mask,
     int64_t k_aux) {
   const char* op = "topk_encode_forward";
-  check_matrix(op, "x", x);
-  check_matrix(op, "W_enc", W_enc);
-  check_float(op, "x", x);
-  check_float(op, "W_enc", W_enc);
-  const int64_t N = x.size(0), D = x.size(1), M = W_enc.size(0);
-  TORCH_CHECK(W_enc.size(1) == D, op, ": W_enc must be (M, D) with D = x.size(1) = ", D, ", got shape ",
-              W_enc.sizes());
-  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(), op,
-              ": at most 2^31 - 1 latents (int32 indices), W_enc has ", M);
+  const EncoderInputs in = prepare_encoder_inputs(op, x, W_enc, b_enc, b_dec);
+  const int64_t N = in.N, M = in.M;
   TORCH_CHECK(k >= 1 && k <= M, op, ": k must be in [1, M = ", M, "], got ", k);
   TORCH_CHECK(k_aux >= 0 && k_aux <= M, op, ": k_aux must be in [0, M = ", M, "], got ", k_aux);
-  if (b_enc.has_value()) {
-    check_vector(op, "b_enc", *b_enc, M, "M = W_enc.size(0)");
-    check_float(op, "b_enc", *b_enc);
-  }
-  if (b_dec.has_value()) {
-    check_vector(op, "b_dec", *b_dec, D, "D = x.size(1)");
-    check_float(op, "b_dec", *b_dec);
-  }
   if (dead_mask.has_value()) {
     check_vector(op, "dead_mask", *dead_mask, M, "M = W_enc.size(0)");
     TORCH_CHECK(dead_mask->scalar_type() == at::kBool, op, ": dead_mask must be bool, got ",
@@ -304,19 +289,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_forward_c
     }
   }
 
-  const auto acc = acc_dtype(x.scalar_type());
-  // Converted once (no-ops when already contiguous in the compute dtype), not per tile. Detached:
-  // the worker threads run with grad mode on, and ATen's out= ops refuse inputs that require grad.
-  const at::Tensor xc = x.detach().contiguous();
-  const at::Tensor W = W_enc.detach().to(acc).contiguous();
-  const at::Tensor bias = b_enc.has_value() ? b_enc->detach().to(acc).contiguous()
-                                            : at::zeros({M}, x.options().dtype(acc));
-  c10::optional<at::Tensor> center;
-  if (b_dec.has_value()) center = b_dec->detach().to(acc).contiguous();
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_encode_forward", [&] {
     using acc_t = acc_type<scalar_t>;
-    encode<scalar_t, acc_t>(xc, W, bias, center, k, dead, live_fill, k_aux, values, indices,
+    encode<scalar_t, acc_t>(in.x, in.W, in.bias, in.center, k, dead, live_fill, k_aux, values, indices,
                             aux_values, aux_indices);
   });
   return {values, indices, aux_values, aux_indices};

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-HELP = ("train top-k SAEs: on a layer of the embedded model, on activation shards, or streamed from any "
-        "Hugging Face model over a corpus (one SAE or transcoder per hookpoint)")
+HELP = ("train top-k, BatchTopK or JumpReLU SAEs: on a layer of the embedded model, on activation shards, or "
+        "streamed from any Hugging Face model over a corpus (one SAE or transcoder per hookpoint)")
 COMMAND = "train-sae"
 
 
