@@ -101,3 +101,18 @@ def test_jumprelu_training_step_has_no_host_sync(backend):
     with _HostSyncDetector() as detector:
         trainer.train_step()
     assert detector.syncs == []
+
+
+def test_attribution_codes_keep_latent_zero_beside_the_padding():
+    # Padding slots repeat index 0 (value 0): the dense code must still hold latent 0's value.
+    from pyinterp.attribution.sae import codes_and_reconstruction
+
+    sae = _sae("cpu")
+    with torch.no_grad():
+        sae.b_enc[0] = 50.0  # latent 0 active in every row, listed first, padding after it
+    x = _batch()
+    codes, _ = codes_and_reconstruction(sae, x)
+    z = preactivations(x, sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach())
+    dense = torch.where(z > sae.threshold.detach(), z, 0)
+    assert (dense[:, 0] > 0).all() and (dense != 0).sum(1).max() < 40, "rows need padding after latent 0"
+    torch.testing.assert_close(codes, dense)
