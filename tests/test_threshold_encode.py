@@ -16,6 +16,11 @@ PAIRS = backend_device_pairs("threshold_encode")
 SHAPES = [(1, 7, 5, 1), (1, 7, 5, 5), (13, 33, 67, 4), (6, 100, 203, 40)]
 
 
+def _runnable(pairs, dtypes):
+    """(backend, device, dtype) cases the op's spec accepts (Triton has no float64 path)."""
+    return [(b, d, t) for b, d in pairs for t in dtypes if not SPEC.unsupported(b, dtype=t)]
+
+
 def _threshold(m, *, seed, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 9, (m,), generator=g).to(torch.float64) / 4).to(device=device, dtype=dtype)
@@ -77,14 +82,14 @@ def test_listed_latents_come_in_ascending_index_before_the_padding(backend, devi
         assert indices[n:].eq(0).all() and values[n:].eq(0).all()
 
 
-@pytest.mark.parametrize("backend,device", PAIRS + [("torch", "cpu")])
+@pytest.mark.parametrize("backend,device,dtype", _runnable(PAIRS + [("torch", "cpu")], [torch.float32, torch.float64]))
 @pytest.mark.parametrize("cap", [1, 5, 40])
-def test_rows_far_over_the_cap_keep_their_largest_shifted_preactivations(backend, device, cap):
+def test_rows_far_over_the_cap_keep_their_largest_shifted_preactivations(backend, device, dtype, cap):
     # Every latent above the threshold, many times the cpu kernel's list buffer: rows are cut back and
     # their floor raised again and again; the small-integer data makes ties common.
     n, m, bandwidth = 7, 300, 0.5
-    data = exact_sae_data(n, 10, m, device=device, seed=13)
-    threshold = torch.full((m,), -0.75, device=device)
+    data = exact_sae_data(n, 10, m, device=device, dtype=dtype, seed=13)
+    threshold = torch.full((m,), -0.75, device=device, dtype=dtype)
     out = _run(backend, data, threshold, cap, bandwidth=bandwidth)
     want = _run("torch", data, threshold, cap, bandwidth=bandwidth)
     for name in out._fields:
@@ -109,11 +114,6 @@ def _random_problem(device, seed=0, n=11, d=9, m=23, dtype=torch.float64):
     return [t.to(device=device, dtype=dtype) for t in tensors + [threshold]]
 
 
-def _runnable(pairs, dtypes):
-    """(backend, device, dtype) cases the op's spec accepts (Triton has no float64 path)."""
-    return [(b, d, t) for b, d in pairs for t in dtypes if not SPEC.unsupported(b, dtype=t)]
-
-
 @pytest.mark.parametrize("backend,device,dtype", _runnable(PAIRS, [torch.float64, torch.float32]))
 def test_backward_matches_reference(backend, device, dtype):
     inputs = _random_problem(device, dtype=dtype)
@@ -126,9 +126,14 @@ def test_backward_matches_reference(backend, device, dtype):
         g = torch.Generator().manual_seed(1)
         weight = torch.randn(out.values.shape, generator=g, dtype=torch.float64).to(device, dtype)
         ((out.values * weight).sum() + 0.3 * out.l0.sum()).backward()
-        return [t.grad for t in leaves]
+        return out, [t.grad for t in leaves]
 
-    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec", "threshold"), grads(backend), grads("torch")):
+    (got_out, got_grads), (want_out, want_grads) = grads(backend), grads("torch")
+    for name in got_out._fields:
+        torch.testing.assert_close(getattr(got_out, name), getattr(want_out, name), rtol=tolerance,
+                                   atol=tolerance, msg=name)
+    assert want_out.truncated_rows > 0, "the cap must cut some rows"
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec", "threshold"), got_grads, want_grads):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=name)
 
 
