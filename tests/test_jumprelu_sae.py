@@ -116,3 +116,19 @@ def test_attribution_codes_keep_latent_zero_beside_the_padding():
     dense = torch.where(z > sae.threshold.detach(), z, 0)
     assert (dense[:, 0] > 0).all() and (dense != 0).sum(1).max() < 40, "rows need padding after latent 0"
     torch.testing.assert_close(codes, dense)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from pyinterp.nn import TopKSAE
+
+    sae = _sae("cpu")
+    with torch.no_grad():
+        sae.threshold.uniform_(0.05, 0.3, generator=torch.Generator().manual_seed(4))
+    sae.save(tmp_path)
+    loaded = TopKSAE.load(tmp_path, backend="cpu")
+    assert isinstance(loaded, JumpReLUSAE)
+    assert (loaded.bandwidth, loaded.l0_coefficient, loaded.max_active) == (0.2, 0.05, 40)
+    for name, tensor in sae.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    x = _batch()
+    torch.testing.assert_close(loaded.eval().encode(x), sae.eval().encode(x), rtol=0, atol=0)
