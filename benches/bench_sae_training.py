@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_shapes import ALL_SHAPES, bench_device, measure_and_record, sae_case, sparsify_training, synchronize
+from sae_shapes import (ALL_SHAPES, bench_device, measure_and_record, sae_case, saelens_training, sparsify_training,
+                        synchronize)
 from pyinterp.sae import TensorSource, TrainConfig, Trainer, build_sae
 
 PROVIDERS = ("pyinterp-cuda", "pyinterp-triton", "pyinterp-cpu", "pyinterp-torch", "torch-dense",
@@ -66,27 +67,11 @@ def sparsify_step(x, latents, k, dead_mask):
 
 
 def saelens_step(x, latents, k, dead_mask):
-    """SAELens' TopK training SAE driven as its SAETrainer._train_step does: forward with AuxK, the
-    firing bookkeeping, backward, grad-norm clipping, Adam."""
+    """SAELens' TopK training SAE (with AuxK) driven as its SAETrainer._train_step does."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.saes.sae import TrainStepInput
 
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=latents, k=k, device=DEVICE))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    since_fired = torch.zeros(latents, device=DEVICE)
-
-    def step():
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
-            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead_mask,
-                                                           n_training_steps=0, is_logging_step=False))
-            with torch.no_grad():
-                since_fired.add_(1)
-                since_fired[out.feature_acts.bool().any(0)] = 0
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-    return step
+    return saelens_training(sae, x, coefficients={}, dead_mask=dead_mask)
 
 
 def make_step(provider, x, latents, k, dead_mask):

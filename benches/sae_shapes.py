@@ -169,3 +169,27 @@ def sparsify_training(x, latents: int, k: int, dead_mask, *, aux_alpha: float):
         optimizer.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
     return sae, step
+
+
+def saelens_training(sae, x, *, coefficients: dict, dead_mask):
+    """step() of a SAELens training SAE driven as its SAETrainer._train_step does: the training forward
+    (with its own losses), the firing bookkeeping, backward, grad-norm clipping, Adam."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    device = x.device.type
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    since_fired = torch.zeros(sae.cfg.d_sae, device=x.device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients,
+                                                           dead_neuron_mask=dead_mask, n_training_steps=0,
+                                                           is_logging_step=False))
+            with torch.no_grad():
+                since_fired.add_(1)
+                since_fired[out.feature_acts.bool().any(0)] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return step

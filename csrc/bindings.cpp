@@ -15,6 +15,14 @@ TORCH_LIBRARY(pyinterp, m) {
   m.def("topk_encode_forward(Tensor x, Tensor W_enc, Tensor? b_enc, Tensor? b_dec, int k, "
         "Tensor? dead_mask, int k_aux) -> (Tensor values, Tensor indices, Tensor aux_values, "
         "Tensor aux_indices)");
+  // ---- SAE: JumpReLU threshold encode (pyinterp/ops/threshold_encode.py) ----
+  // x (N, D); W_enc (M, D); b_enc (M) or None; b_dec (D) or None; lower (M): the listing threshold
+  // (theta - bandwidth / 2). Per row, the latents with s = z - lower > 0, z = (x - b_dec) @ W_enc^T + b_enc,
+  // in ascending latent index; a row with more than max_active keeps its max_active largest s (ties to
+  // the lower index). Returns preacts (N, max_active) z in the accumulator dtype (fp32; fp64 for fp64 x)
+  // and indices (N, max_active) int32, unused slots 0; listed (N) int32 slots used; truncated (N) bool.
+  m.def("threshold_encode_forward(Tensor x, Tensor W_enc, Tensor? b_enc, Tensor? b_dec, Tensor lower, "
+        "int max_active) -> (Tensor preacts, Tensor indices, Tensor listed, Tensor truncated)");
   // ---- SAE: sparse decode and the sparse products both SAE ops' backwards use
   //      (pyinterp/ops/sparse_decode.py) ----
   // out[n] = sum_j values[n,j] * weight[indices[n,j]] (+ bias); (N, D) in values' dtype.

@@ -16,6 +16,11 @@ PAIRS = backend_device_pairs("threshold_encode")
 SHAPES = [(1, 7, 5, 1), (1, 7, 5, 5), (13, 33, 67, 4), (6, 100, 203, 40)]
 
 
+def _runnable(pairs, dtypes):
+    """(backend, device, dtype) cases the op's spec accepts (Triton has no float64 path)."""
+    return [(b, d, t) for b, d in pairs for t in dtypes if not SPEC.unsupported(b, dtype=t)]
+
+
 def _threshold(m, *, seed, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 9, (m,), generator=g).to(torch.float64) / 4).to(device=device, dtype=dtype)
@@ -64,16 +69,49 @@ def test_truncated_rows_counts_rows_over_the_cap(backend, device):
     assert out.counts.tolist() == (z > 0).sum(1).clamp(max=6).tolist()
 
 
+@pytest.mark.parametrize("backend,device", PAIRS + [("torch", "cpu")])
+def test_listed_latents_come_in_ascending_index_before_the_padding(backend, device):
+    data = exact_sae_data(9, 16, 70, device=device, seed=11)
+    threshold = _threshold(70, seed=12, device=device)
+    out = _run(backend, data, threshold, 20, bandwidth=0.5)
+    z = preactivations(data["x"], data["W_enc"], data["b_enc"], data["b_dec"])
+    listed = (z > threshold - 0.25).sum(1).clamp(max=20)
+    assert 0 < listed.min() and listed.max() == 20, "the data must give short and full rows"
+    for indices, values, n in zip(out.indices.cpu(), out.values.cpu(), listed.tolist()):
+        assert (indices[:n].diff() > 0).all(), indices
+        assert indices[n:].eq(0).all() and values[n:].eq(0).all()
+
+
+@pytest.mark.parametrize("backend,device,dtype", _runnable(PAIRS + [("torch", "cpu")], [torch.float32, torch.float64]))
+@pytest.mark.parametrize("cap", [1, 5, 40])
+def test_rows_far_over_the_cap_keep_their_largest_shifted_preactivations(backend, device, dtype, cap):
+    # Every latent above the threshold, many times the cpu kernel's list buffer: rows are cut back and
+    # their floor raised again and again; the small-integer data makes ties common.
+    n, m, bandwidth = 7, 300, 0.5
+    data = exact_sae_data(n, 10, m, device=device, dtype=dtype, seed=13)
+    threshold = torch.full((m,), -0.75, device=device, dtype=dtype)
+    out = _run(backend, data, threshold, cap, bandwidth=bandwidth)
+    want = _run("torch", data, threshold, cap, bandwidth=bandwidth)
+    for name in out._fields:
+        torch.testing.assert_close(getattr(out, name), getattr(want, name), rtol=0, atol=0, msg=name)
+    z = preactivations(data["x"], data["W_enc"], data["b_enc"], data["b_dec"]).cpu()
+    shifted = z - (-0.75 - bandwidth / 2)
+    assert (shifted > 0).sum(1).min() > cap + max(cap, 32) and out.truncated_rows.item() == n
+    kept = torch.zeros_like(z, dtype=torch.bool).scatter_(1, out.indices.long().cpu(), True)
+    for row in range(n):
+        assert kept[row].sum() == cap
+        assert shifted[row][kept[row]].min() >= shifted[row][~kept[row]].max()
+        # A tie at the cut goes to the lower index.
+        cut = shifted[row][kept[row]].min()
+        tied = (shifted[row] == cut).nonzero().flatten()
+        assert not (kept[row][tied][1:] & ~kept[row][tied][:-1]).any(), "a kept tie after a dropped one"
+
+
 def _random_problem(device, seed=0, n=11, d=9, m=23, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     tensors = [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((n, d), (m, d), (m,), (d,))]
     threshold = torch.rand(m, generator=g, dtype=torch.float64) * 0.5 + 0.1
     return [t.to(device=device, dtype=dtype) for t in tensors + [threshold]]
-
-
-def _runnable(pairs, dtypes):
-    """(backend, device, dtype) cases the op's spec accepts (Triton has no float64 path)."""
-    return [(b, d, t) for b, d in pairs for t in dtypes if not SPEC.unsupported(b, dtype=t)]
 
 
 @pytest.mark.parametrize("backend,device,dtype", _runnable(PAIRS, [torch.float64, torch.float32]))
@@ -88,9 +126,14 @@ def test_backward_matches_reference(backend, device, dtype):
         g = torch.Generator().manual_seed(1)
         weight = torch.randn(out.values.shape, generator=g, dtype=torch.float64).to(device, dtype)
         ((out.values * weight).sum() + 0.3 * out.l0.sum()).backward()
-        return [t.grad for t in leaves]
+        return out, [t.grad for t in leaves]
 
-    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec", "threshold"), grads(backend), grads("torch")):
+    (got_out, got_grads), (want_out, want_grads) = grads(backend), grads("torch")
+    for name in got_out._fields:
+        torch.testing.assert_close(getattr(got_out, name), getattr(want_out, name), rtol=tolerance,
+                                   atol=tolerance, msg=name)
+    assert want_out.truncated_rows > 0, "the cap must cut some rows"
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec", "threshold"), got_grads, want_grads):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=name)
 
 

@@ -1,7 +1,6 @@
 // CPU top-k SAE encoder (pyinterp::topk_encode_forward, schema in csrc/bindings.cpp).
-// z = (x - b_dec) @ W_enc^T + b_enc is computed a block of rows x a tile of latents at a time (one
-// single-threaded BLAS call; threads split the row blocks) and each row of the tile is streamed into
-// a running top-k, so the N x M pre-activations never exist: memory is O(threads x tile).
+// z = (x - b_dec) @ W_enc^T + b_enc comes tile by tile from the shared tiled GEMM (encoder_tiles.h)
+// and each row of a tile is streamed into a running top-k, so the N x M pre-activations never exist.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,15 +14,12 @@
 #include <vector>
 
 #include "checks.h"
+#include "encoder_tiles.h"
 
 namespace {
 
 using namespace pyinterp::cpu;
 
-// Tuned on 2 cores at N=4096, D=384, M=16384, k=32 (fp32): a 128 x 2048 fp32 tile is 1 MiB, it stays
-// in L2 between the GEMM that writes it and the top-k scan that reads it.
-constexpr int64_t kRowBlock = 128;
-constexpr int64_t kLatentTile = 2048;
 // The scan tests this many pre-activations against the threshold at once.
 constexpr int64_t kScanChunk = 16;
 
@@ -47,53 +43,6 @@ inline bool chunk_passes(const T* z, const T* bias, T thr) {
   std::memcpy(words, &rejected, sizeof(words));
   return (words[0] & words[1]) != ~uint64_t{0};
 }
-
-// The top-k order: larger value first, NaN above everything (as torch.topk), equal values -> lower
-// index. A candidate is a key; `a > b` in key order means a ranks before b.
-template <typename T>
-struct Keys;
-
-// fp32: (value, index) packed in one uint64 so that ranking, cutting and sorting are integer compares.
-// High half: the float's bits mapped to an unsigned that orders like the float (-0 folded into +0, every
-// NaN the largest); low half: ~index, so that the lower index wins a tie.
-template <>
-struct Keys<float> {
-  using key_t = uint64_t;
-  static key_t make(float v, int32_t i) {
-    uint32_t u;
-    const float folded = v + 0.0f;
-    std::memcpy(&u, &folded, sizeof(u));
-    u = std::isnan(v) ? 0xFFFFFFFFu : ((u & 0x80000000u) ? ~u : (u | 0x80000000u));
-    return (static_cast<uint64_t>(u) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(i));
-  }
-  static float value(key_t key) {
-    const uint32_t u = static_cast<uint32_t>(key >> 32);
-    if (u == 0xFFFFFFFFu) return std::numeric_limits<float>::quiet_NaN();
-    const uint32_t bits = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;
-    float v;
-    std::memcpy(&v, &bits, sizeof(v));
-    return v;
-  }
-  static int32_t index(key_t key) { return static_cast<int32_t>(~static_cast<uint32_t>(key)); }
-  static bool better(key_t a, key_t b) { return a > b; }
-};
-
-// float64 (gradcheck only): a plain pair and the comparison spelled out.
-template <>
-struct Keys<double> {
-  struct key_t {
-    double v;
-    int32_t i;
-  };
-  static key_t make(double v, int32_t i) { return {v, i}; }
-  static double value(const key_t& key) { return key.v; }
-  static int32_t index(const key_t& key) { return key.i; }
-  static bool better(const key_t& a, const key_t& b) {
-    const bool a_nan = std::isnan(a.v), b_nan = std::isnan(b.v);
-    if (a_nan || b_nan) return a_nan && (!b_nan || a.i < b.i);
-    return a.v > b.v || (a.v == b.v && a.i < b.i);
-  }
-};
 
 // Running top-k of a block of rows. Candidates of a row arrive in increasing latent index, so a newcomer
 // equal in value to the current k-th best loses the tie: one `v <= thr` rejects it. Accepted candidates
@@ -214,25 +163,78 @@ inline T relu(T v) {
   return std::isnan(v) ? v : (v > T(0) ? v : T(0));
 }
 
+// The tile scanner of encode(): a running top-k (and one over the dead latents for AuxK) per row of
+// the block, written out post-ReLU when the block's tiles are done.
+template <typename scalar_t, typename acc_t>
+class TopKScanner {
+ public:
+  using K = Keys<acc_t>;
+
+  TopKScanner(int64_t rows, int64_t k, int64_t M, const acc_t* bias, const std::vector<int32_t>& dead,
+              const std::vector<int64_t>& tile_dead, const std::vector<typename K::key_t>& aux_fill,
+              int64_t k_aux, scalar_t* out_v, int32_t* out_i, scalar_t* aux_v, int32_t* aux_i)
+      : k_(k), k_aux_(k_aux), bias_(bias), dead_(dead), tile_dead_(tile_dead), aux_fill_(aux_fill),
+        out_v_(out_v), out_i_(out_i), aux_v_(aux_v), aux_i_(aux_i), top_(rows, k, buffer_cap(k, M), 0),
+        aux_(k_aux > 0 ? rows : 0, k_aux, buffer_cap(k_aux, static_cast<int64_t>(dead.size())),
+             static_cast<int64_t>(aux_fill.size())) {}
+
+  void begin_block(int64_t, int64_t nr) {
+    top_.reset(nr);
+    if (k_aux_ > 0) aux_.reset(nr);
+  }
+
+  void scan(int64_t r, const acc_t* z, int64_t l0, int64_t len, int64_t t) {
+    const int32_t base = static_cast<int32_t>(l0);
+    top_.push_dense(r, z, bias_ + l0, base, len);
+    if (k_aux_ > 0) {
+      aux_.push_list(r, z, bias_, dead_.data() + tile_dead_[t], tile_dead_[t + 1] - tile_dead_[t], base);
+    }
+  }
+
+  void finish_block(int64_t r0, int64_t nr) {
+    for (int64_t r = 0; r < nr; ++r) {
+      const auto* best = top_.finish_with(r, k_, no_fill_);
+      const int64_t o = (r0 + r) * k_;
+      for (int64_t j = 0; j < k_; ++j) {
+        out_v_[o + j] = static_cast<scalar_t>(relu(K::value(best[j])));
+        out_i_[o + j] = K::index(best[j]);
+      }
+      if (k_aux_ > 0) {
+        const auto* best_aux = aux_.finish_with(r, k_aux_, aux_fill_);
+        const int64_t oa = (r0 + r) * k_aux_;
+        for (int64_t j = 0; j < k_aux_; ++j) {
+          aux_v_[oa + j] = static_cast<scalar_t>(relu(K::value(best_aux[j])));
+          aux_i_[oa + j] = K::index(best_aux[j]);
+        }
+      }
+    }
+  }
+
+ private:
+  int64_t k_, k_aux_;
+  const acc_t* bias_;
+  const std::vector<int32_t>& dead_;
+  const std::vector<int64_t>& tile_dead_;
+  const std::vector<typename K::key_t>& aux_fill_;
+  const std::vector<typename K::key_t> no_fill_;
+  scalar_t* out_v_;
+  int32_t* out_i_;
+  scalar_t* aux_v_;
+  int32_t* aux_i_;
+  RunningTopK<acc_t> top_, aux_;
+};
+
 template <typename scalar_t, typename acc_t>
 void encode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b_enc,
             const c10::optional<at::Tensor>& b_dec, int64_t k, const std::vector<int32_t>& dead,
             const std::vector<int32_t>& live_fill, int64_t k_aux, at::Tensor& values,
             at::Tensor& indices, at::Tensor& aux_values, at::Tensor& aux_indices) {
-  const int64_t N = x.size(0), D = x.size(1), M = W.size(0);
-  const int64_t threads = at::get_num_threads();
-  // Small batches: shrink the block so that every thread still gets rows.
-  const int64_t rb = std::max<int64_t>(1, std::min(kRowBlock, (N + threads - 1) / threads));
-  // A multiple of 64 latents wide (when M allows): BLAS may sum the columns of a partial register
-  // block in another order than the others.
-  const int64_t tile = M < 64 ? M : std::min(kLatentTile, M / 64 * 64);
-  const int64_t blocks = (N + rb - 1) / rb;
-  const int64_t tiles = (M + tile - 1) / tile;
-
+  const int64_t N = x.size(0), M = W.size(0);
+  const EncoderTiling tiling(N, M);
   // dead[tile_dead[t], tile_dead[t + 1]) are the dead latents of tile t.
-  std::vector<int64_t> tile_dead(tiles + 1);
-  for (int64_t t = 0; t <= tiles; ++t) {
-    const int64_t start = std::min(t * tile, M);
+  std::vector<int64_t> tile_dead(tiling.tiles + 1);
+  for (int64_t t = 0; t <= tiling.tiles; ++t) {
+    const int64_t start = std::min(t * tiling.latents, M);
     tile_dead[t] = std::lower_bound(dead.begin(), dead.end(), start) - dead.begin();
   }
   // Live latents count as -inf in the aux top-k; as -inf ties go to the lower index, only the first
@@ -240,67 +242,15 @@ void encode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b_enc,
   using K = Keys<acc_t>;
   std::vector<typename K::key_t> aux_fill;
   for (int32_t i : live_fill) aux_fill.push_back(K::make(-std::numeric_limits<acc_t>::infinity(), i));
-  const std::vector<typename K::key_t> no_fill;
 
   const acc_t* bias = b_enc.data_ptr<acc_t>();
   scalar_t* out_v = values.data_ptr<scalar_t>();
   int32_t* out_i = indices.data_ptr<int32_t>();
   scalar_t* aux_v = aux_values.data_ptr<scalar_t>();
   int32_t* aux_i = aux_indices.data_ptr<int32_t>();
-  const int64_t n_dead = static_cast<int64_t>(dead.size());
-
-  at::parallel_for(0, blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor xt_buf = at::empty({rb * D}, opts);
-    at::Tensor z_buf = at::empty({rb * tile}, opts);
-    RunningTopK<acc_t> top(rb, k, buffer_cap(k, M), 0);
-    RunningTopK<acc_t> aux(k_aux > 0 ? rb : 0, k_aux, buffer_cap(k_aux, n_dead),
-                           static_cast<int64_t>(aux_fill.size()));
-    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
-      const int64_t r0 = blk * rb, nr = std::min(rb, N - r0);
-      at::Tensor xt = xt_buf.narrow(0, 0, nr * D).view({nr, D});
-      if (b_dec.has_value()) {
-        at::sub_out(xt, x.narrow(0, r0, nr), *b_dec);
-      } else {
-        xt.copy_(x.narrow(0, r0, nr));
-      }
-      top.reset(nr);
-      if (k_aux > 0) aux.reset(nr);
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t l0 = t * tile, len = std::min(tile, M - l0);
-        // Every GEMM has the same shape: the tail tile is computed as the last `tile` latents (it
-        // overlaps the tile before) and only its new columns are scanned. A narrower GEMM may sum
-        // in another order, and duplicated latents would then not tie.
-        const int64_t w0 = M - l0 < tile ? M - tile : l0;
-        at::Tensor z = z_buf.narrow(0, 0, nr * tile).view({nr, tile});
-        at::mm_out(z, xt, W.narrow(0, w0, tile).t());
-        const acc_t* zp = z.data_ptr<acc_t>() + (l0 - w0);
-        const int32_t base = static_cast<int32_t>(l0);
-        for (int64_t r = 0; r < nr; ++r) {
-          top.push_dense(r, zp + r * tile, bias + l0, base, len);
-          if (k_aux > 0) {
-            aux.push_list(r, zp + r * tile, bias, dead.data() + tile_dead[t],
-                          tile_dead[t + 1] - tile_dead[t], base);
-          }
-        }
-      }
-      for (int64_t r = 0; r < nr; ++r) {
-        const auto* best = top.finish_with(r, k, no_fill);
-        const int64_t o = (r0 + r) * k;
-        for (int64_t j = 0; j < k; ++j) {
-          out_v[o + j] = static_cast<scalar_t>(relu(K::value(best[j])));
-          out_i[o + j] = K::index(best[j]);
-        }
-        if (k_aux > 0) {
-          const auto* best_aux = aux.finish_with(r, k_aux, aux_fill);
-          const int64_t oa = (r0 + r) * k_aux;
-          for (int64_t j = 0; j < k_aux; ++j) {
-            aux_v[oa + j] = static_cast<scalar_t>(relu(K::value(best_aux[j])));
-            aux_i[oa + j] = K::index(best_aux[j]);
-          }
-        }
-      }
-    }
+  scan_preactivation_tiles<acc_t>(x, W, b_dec, tiling, [&](int64_t rows) {
+    return TopKScanner<scalar_t, acc_t>(rows, k, M, bias, dead, tile_dead, aux_fill, k_aux, out_v, out_i,
+                                        aux_v, aux_i);
   });
 }
 
@@ -309,25 +259,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_forward_c
     const c10::optional<at::Tensor>& b_dec, int64_t k, const c10::optional<at::Tensor>& dead_mask,
     int64_t k_aux) {
   const char* op = "topk_encode_forward";
-  check_matrix(op, "x", x);
-  check_matrix(op, "W_enc", W_enc);
-  check_float(op, "x", x);
-  check_float(op, "W_enc", W_enc);
-  const int64_t N = x.size(0), D = x.size(1), M = W_enc.size(0);
-  TORCH_CHECK(W_enc.size(1) == D, op, ": W_enc must be (M, D) with D = x.size(1) = ", D, ", got shape ",
-              W_enc.sizes());
-  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(), op,
-              ": at most 2^31 - 1 latents (int32 indices), W_enc has ", M);
+  const EncoderInputs in = prepare_encoder_inputs(op, x, W_enc, b_enc, b_dec);
+  const int64_t N = in.N, M = in.M;
   TORCH_CHECK(k >= 1 && k <= M, op, ": k must be in [1, M = ", M, "], got ", k);
   TORCH_CHECK(k_aux >= 0 && k_aux <= M, op, ": k_aux must be in [0, M = ", M, "], got ", k_aux);
-  if (b_enc.has_value()) {
-    check_vector(op, "b_enc", *b_enc, M, "M = W_enc.size(0)");
-    check_float(op, "b_enc", *b_enc);
-  }
-  if (b_dec.has_value()) {
-    check_vector(op, "b_dec", *b_dec, D, "D = x.size(1)");
-    check_float(op, "b_dec", *b_dec);
-  }
   if (dead_mask.has_value()) {
     check_vector(op, "dead_mask", *dead_mask, M, "M = W_enc.size(0)");
     TORCH_CHECK(dead_mask->scalar_type() == at::kBool, op, ": dead_mask must be bool, got ",
@@ -354,19 +289,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_forward_c
     }
   }
 
-  const auto acc = acc_dtype(x.scalar_type());
-  // Converted once (no-ops when already contiguous in the compute dtype), not per tile. Detached:
-  // the worker threads run with grad mode on, and ATen's out= ops refuse inputs that require grad.
-  const at::Tensor xc = x.detach().contiguous();
-  const at::Tensor W = W_enc.detach().to(acc).contiguous();
-  const at::Tensor bias = b_enc.has_value() ? b_enc->detach().to(acc).contiguous()
-                                            : at::zeros({M}, x.options().dtype(acc));
-  c10::optional<at::Tensor> center;
-  if (b_dec.has_value()) center = b_dec->detach().to(acc).contiguous();
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_encode_forward", [&] {
     using acc_t = acc_type<scalar_t>;
-    encode<scalar_t, acc_t>(xc, W, bias, center, k, dead, live_fill, k_aux, values, indices,
+    encode<scalar_t, acc_t>(in.x, in.W, in.bias, in.center, k, dead, live_fill, k_aux, values, indices,
                             aux_values, aux_indices);
   });
   return {values, indices, aux_values, aux_indices};

@@ -67,7 +67,8 @@ def codes_and_reconstruction(sae: TopKSAE, h: Tensor) -> tuple[Tensor, Tensor]:
     with eval_mode(sae):
         values, indices = sae.encode(h)
         reconstruction = sae.decode(values, indices)
-    codes = values.new_zeros(*values.shape[:-1], sae.n_latents).scatter_(-1, indices.long(), values)
+    # Summed, not assigned: a JumpReLU SAE's padding slots repeat index 0 with value 0.
+    codes = values.new_zeros(*values.shape[:-1], sae.n_latents).scatter_add_(-1, indices.long(), values)
     return codes, reconstruction
 
 

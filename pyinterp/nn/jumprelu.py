@@ -17,12 +17,14 @@ from pyinterp.ops.threshold_encode import threshold_encode
 class JumpReLUOutput(NamedTuple):
     """x_hat (N, D); values / indices (N, max_active) as threshold_encode lists them; fvu as in
     TopKSAE; l0 = the mean active latents per token (differentiable in the threshold);
-    loss = fvu + l0_coefficient * l0; truncated_rows: tokens over the max_active cap."""
+    aux_loss = l0_coefficient * l0, the sparsity penalty (what the trainer logs as aux_loss);
+    loss = fvu + aux_loss; truncated_rows: tokens over the max_active cap."""
     x_hat: Tensor
     values: Tensor
     indices: Tensor
     fvu: Tensor
     l0: Tensor
+    aux_loss: Tensor
     loss: Tensor
     truncated_rows: Tensor
 
@@ -77,8 +79,9 @@ class JumpReLUSAE(TopKSAE):
         target = flat.to(accumulator_dtype(flat.dtype))
         fvu = (target - x_hat.to(target.dtype)).pow(2).sum() / total_variance(target, variance_floor)
         l0 = out.l0.to(target.dtype).mean() if flat.shape[0] else fvu.new_zeros(())
-        return JumpReLUOutput(x_hat.reshape(x.shape), out.values, out.indices, fvu, l0,
-                              fvu + self.l0_coefficient * l0, out.truncated_rows)
+        penalty = self.l0_coefficient * l0
+        return JumpReLUOutput(x_hat.reshape(x.shape), out.values, out.indices, fvu, l0, penalty, fvu + penalty,
+                              out.truncated_rows)
 
     def export_tensors(self) -> dict[str, Tensor]:
         return {**super().export_tensors(), "threshold": self.threshold.detach()}

@@ -236,20 +236,25 @@ class TopKSAE(nn.Module):
         if not isinstance(config, dict) or not isinstance(config.get("k"), int):
             raise ValueError(f"{config_path}: expected a JSON object with an integer 'k' (active "
                              f"latents per token), got {str(config)[:80]}")
-        if config.get("activation", "topk") != "topk" or config.get("transcode") or config.get("skip_connection"):
-            raise ValueError(f"{config_path}: only plain top-k SAEs load (activation='topk', no transcoder, "
-                             f"no skip connection); got activation={config.get('activation')!r}, "
+        activation = config.get("activation", "topk")
+        if activation not in ("topk", "jumprelu") or config.get("transcode") or config.get("skip_connection"):
+            raise ValueError(f"{config_path}: only plain top-k and JumpReLU SAEs load (activation 'topk' or "
+                             f"'jumprelu', no transcoder, no skip connection); got activation={activation!r}, "
                              f"transcode={config.get('transcode')}, skip_connection={config.get('skip_connection')}")
         own = config.get("pyinterp", {})
         if not isinstance(own, dict):
             raise ValueError(f"{config_path}: 'pyinterp' must be a JSON object, got {own!r}")
         module = BatchTopKSAE if own.get("architecture") == BatchTopKSAE.architecture else TopKSAE
+        if activation == "jumprelu":
+            from pyinterp.nn.jumprelu import JumpReLUSAE  # it builds on this module
+            module = JumpReLUSAE
         try:
             with safe_open(str(weights_path), framework="pt") as handle:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as exc:  # safetensors raises its own error types for a damaged file
             raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
-        missing = set(EXPORT_NAMES.values()) - tensors.keys()
+        required = set(EXPORT_NAMES.values()) | ({"threshold"} if activation == "jumprelu" else set())
+        missing = required - tensors.keys()
         if missing:
             raise ValueError(f"{weights_path}: missing tensors {sorted(missing)}")
         if tensors["encoder.weight"].dim() != 2:
@@ -263,6 +268,8 @@ class TopKSAE(nn.Module):
                 raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
                                  f"expected {shape} (from encoder.weight)")
         kwargs = {key: own[key] for key in ("k_aux", "aux_alpha", "seed") if key in own}
+        if activation == "jumprelu":  # no AuxK; its own STE settings
+            kwargs = {key: own[key] for key in ("seed", "bandwidth", "l0_coefficient") if key in own}
         if module is BatchTopKSAE:
             kwargs.update({key: own[key] for key in ("max_k_per_row", "threshold_momentum") if key in own})
         try:

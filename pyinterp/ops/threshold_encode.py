@@ -1,13 +1,17 @@
 """threshold_encode: the JumpReLU SAE encoder (docs/sae_family.md, "JumpReLU"), with a variable number
-of active latents per row in a capped, padded list plus per-row counts.
+of active latents per row in a capped, padded list (ascending latent index) plus per-row counts.
 
-No kernel of its own: the latents above theta - eps/2 are the ones with a positive shifted
-pre-activation z - (theta - eps/2), so topk_encode's fused kernels (cpu, cuda, triton) select them
-with the bias b_enc - theta + eps/2 and k = max_active + 1 (the extra slot tells a truncated row);
-the listed pre-activations are then recomputed exactly by sparse_decode's gather_dot, and the
+The latents above theta - eps/2 are the ones whose shifted pre-activation s = z - (theta - eps/2) is
+positive. Every backend's selection returns, per row, those latents in ascending index with their
+pre-activations z (accumulator dtype), how many it listed and whether the row had more than
+max_active: the cpu kernel (csrc/cpu/threshold_encode.cpp) compacts them out of the tiled encoder GEMM
+directly; cuda and triton select them with topk_encode's fused kernels (bias b_enc - theta + eps/2,
+k = max_active + 1, the extra slot tells a truncated row), recompute z exactly with sparse_decode's
+gather_dot and sort the list by index. The values, masks and counts follow from z elementwise; the
 backward is sparse_decode's gather_sum / sparse_t_matmul, as in topk_encode."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -19,16 +23,49 @@ from pyinterp.reference import threshold_encode as reference
 
 
 class ThresholdEncodeOutput(NamedTuple):
-    """values / indices (..., max_active): the listed latents, descending in z - theta, active ones
-    (z > theta) first, then those in the STE band (value 0); unused slots index 0, value 0.
-    counts (...) int32: active latents listed per row. l0 (...): the same count as a float,
-    differentiable in threshold (straight-through). truncated_rows (): rows that had more than
-    max_active latents above threshold - bandwidth / 2 (their lowest-ranked ones were dropped)."""
+    """values / indices (..., max_active): the listed latents in ascending index, the active ones
+    (z > theta) with their value, those in the STE band with value 0; after them the unused slots,
+    index 0, value 0. counts (...) int32: active latents listed per row. l0 (...): the same count as
+    a float, differentiable in threshold (straight-through). truncated_rows (): rows that had more
+    than max_active latents above threshold - bandwidth / 2 (they keep the max_active largest
+    z - threshold + bandwidth / 2)."""
     values: Tensor
     indices: Tensor
     counts: Tensor
     l0: Tensor
     truncated_rows: Tensor
+
+
+@torch.library.register_fake("pyinterp::threshold_encode_forward")
+def _threshold_encode_forward_fake(x, W_enc, b_enc, b_dec, lower, max_active):
+    n = x.shape[0]
+    return (x.new_empty(n, max_active, dtype=_dtypes.accumulator_dtype(x.dtype)),
+            x.new_empty(n, max_active, dtype=torch.int32), x.new_empty(n, dtype=torch.int32),
+            x.new_empty(n, dtype=torch.bool))
+
+
+def _select_with_topk(backend, x, W_enc, b_enc, b_dec, lower, max_active):
+    """The selection contract of threshold_encode_forward on topk_encode's kernels: top-(max_active + 1)
+    of the shifted pre-activations, the positive ones kept, z recomputed, the list sorted by index."""
+    num_latents = W_enc.shape[0]
+    lower = lower.to(x.dtype)  # folded into the bias in x's dtype (docs/sae_family.md, "Limits")
+    shifted_bias = -lower if b_enc is None else b_enc - lower
+    selected = min(max_active + 1, num_latents)
+    shifted, indices = topk_encode.SPEC.kernel(backend)(x, W_enc, shifted_bias.contiguous(), b_dec, selected,
+                                                        None, 0)[:2]
+    if selected > max_active:
+        truncated = shifted[:, max_active] > 0
+    else:
+        truncated = shifted.new_zeros(x.shape[0], dtype=torch.bool)
+    listed = shifted[:, :max_active] > 0
+    indices = torch.where(listed, indices[:, :max_active], num_latents).sort(1).values
+    listed = indices < num_latents
+    indices = torch.where(listed, indices, 0).contiguous()
+    dtype = _dtypes.accumulator_dtype(x.dtype)
+    x_centered = x.to(dtype) if b_dec is None else x.to(dtype) - b_dec.to(dtype)
+    z = sparse_decode.SPEC.kernel(backend).gather_dot(x_centered, indices, W_enc.to(dtype))
+    z = z if b_enc is None else z + b_enc.to(dtype)[indices.long()]
+    return torch.where(listed, z, 0), indices, listed.sum(1, dtype=torch.int32), truncated
 
 
 def _supports(backend: str, *, dtype: torch.dtype) -> str:
@@ -38,38 +75,26 @@ def _supports(backend: str, *, dtype: torch.dtype) -> str:
 
 
 SPEC = _dispatch.register(_dispatch.OpSpec("threshold_encode", kernels={
-    "cuda": lambda: topk_encode.SPEC.kernel("cuda"),
-    "triton": lambda: topk_encode.SPEC.kernel("triton"),
-    "cpu": lambda: topk_encode.SPEC.kernel("cpu"),
+    "cuda": lambda: functools.partial(_select_with_topk, "cuda"),
+    "triton": lambda: functools.partial(_select_with_topk, "triton"),
+    "cpu": lambda: torch.ops.pyinterp.threshold_encode_forward,
 }, supports=_supports))
-
-
-def _listed_preactivations(backend, x, W_enc, b_enc, b_dec, indices):
-    """z at the listed latents, exact in the accumulator dtype: (x - b_dec) . w_i + b_i."""
-    dtype = _dtypes.accumulator_dtype(x.dtype)
-    x_centered = x.to(dtype) if b_dec is None else x.to(dtype) - b_dec.to(dtype)
-    z = sparse_decode.SPEC.kernel(backend).gather_dot(x_centered, indices, W_enc.to(dtype))
-    return z if b_enc is None else z + b_enc.to(dtype)[indices.long()]
 
 
 @torch.library.custom_op("pyinterp::threshold_encode", mutates_args=())
 def _threshold_encode(x: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], b_dec: Optional[Tensor],
                       threshold: Tensor, bandwidth: float, max_active: int,
-                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    num_latents = W_enc.shape[0]
-    lower_edge = threshold - bandwidth / 2
-    shifted_bias = -lower_edge if b_enc is None else b_enc - lower_edge
-    selected = min(max_active + 1, num_latents)
-    shifted, indices = SPEC.kernel(backend)(x, W_enc, shifted_bias.contiguous(), b_dec, selected, None, 0)[:2]
-    truncated_rows = (shifted[:, max_active] > 0).sum() if selected > max_active else x.new_zeros((), dtype=torch.int64)
-    listed = shifted[:, :max_active] > 0
-    indices = torch.where(listed, indices[:, :max_active], 0).contiguous()
-    z = _listed_preactivations(backend, x, W_enc, b_enc, b_dec, indices)
-    active = listed & (z > threshold.to(z.dtype)[indices.long()])
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    theta = threshold.to(_dtypes.accumulator_dtype(x.dtype))
+    z, indices, listed_count, truncated = SPEC.kernel(backend)(x, W_enc, b_enc, b_dec, theta - bandwidth / 2,
+                                                               max_active)
+    listed = torch.arange(max_active, device=x.device) < listed_count[:, None]
+    active = listed & (z > theta[indices.long()])
     values = torch.where(active, z, 0).to(x.dtype)
     counts = active.sum(1, dtype=torch.int32)
-    # `listed` goes out too: the backward must know the padding slots (index 0 may be active).
-    return values, indices, counts, counts.to(x.dtype), truncated_rows, listed
+    # `listed` and z go out too, for the backward: the padding slots (index 0 may be active) and the
+    # masks, without recomputing z.
+    return values, indices, counts, counts.to(x.dtype), truncated.sum(), listed, z
 
 
 @_threshold_encode.register_fake
@@ -77,20 +102,19 @@ def _(x, W_enc, b_enc, b_dec, threshold, bandwidth, max_active, backend):
     n = x.shape[0]
     return (x.new_empty(n, max_active), x.new_empty(n, max_active, dtype=torch.int32),
             x.new_empty(n, dtype=torch.int32), x.new_empty(n), x.new_empty((), dtype=torch.int64),
-            x.new_empty(n, max_active, dtype=torch.bool))
+            x.new_empty(n, max_active, dtype=torch.bool),
+            x.new_empty(n, max_active, dtype=_dtypes.accumulator_dtype(x.dtype)))
 
 
 def _setup_context(ctx, inputs, output):
     x, W_enc, b_enc, b_dec, threshold, bandwidth, _, backend = inputs
-    ctx.save_for_backward(x, W_enc, b_enc, b_dec, threshold, output[1], output[5])
+    ctx.save_for_backward(x, W_enc, b_enc, b_dec, threshold, output[1], output[5], output[6])
     ctx.bandwidth, ctx.backend = bandwidth, backend
-    ctx.mark_non_differentiable(output[1], output[2], output[4], output[5])
+    ctx.mark_non_differentiable(output[1], output[2], output[4], output[5], output[6])
 
 
-def _backward(ctx, grad_values, _grad_indices, _grad_counts, grad_l0, _grad_truncated, _grad_listed):
-    x, W_enc, b_enc, b_dec, threshold, indices, listed = ctx.saved_tensors
-    # Recomputed rather than saved: one gather_dot, and no (N, max_active) fp32 tensor held.
-    z = _listed_preactivations(ctx.backend, x, W_enc, b_enc, b_dec, indices)
+def _backward(ctx, grad_values, _grad_indices, _grad_counts, grad_l0, _grad_truncated, _grad_listed, _grad_z):
+    x, W_enc, b_enc, b_dec, threshold, indices, listed, z = ctx.saved_tensors
     theta = threshold.to(z.dtype)[indices.long()]
     band = listed & reference.in_band(z, theta, ctx.bandwidth)
     grad_values = torch.zeros_like(z) if grad_values is None else grad_values.to(z.dtype)

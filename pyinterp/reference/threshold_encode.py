@@ -5,8 +5,9 @@ gradients of Rajamanoharan et al. 2024 with a rectangle kernel of width `bandwid
     df/dz = 1[z > theta],  df/dtheta = -(theta / eps) * 1[|z - theta| < eps / 2],
     l0 = sum_i 1[z_i > theta_i],  dl0/dtheta = -(1 / eps) * 1[|z - theta| < eps / 2],  dl0/dz = 0.
 The sparse output lists, per row, the latents with z > theta - eps / 2 (the active ones and those
-in the kernel's band, whose theta gradient is not zero), descending in z - theta (ties to the lower
-index), at most max_active of them; the unused slots hold index 0 and value 0."""
+in the kernel's band, whose theta gradient is not zero) in ascending latent index, at most max_active
+of them: a row with more keeps the max_active largest shifted pre-activations s = z - (theta - eps / 2)
+(ties to the lower index). The unused slots, after the listed ones, hold index 0 and value 0."""
 from __future__ import annotations
 
 import torch
@@ -59,14 +60,18 @@ def threshold_encode(x, W_enc, b_enc, threshold, max_active: int, b_dec=None, ba
     latents only (all of them unless the row is truncated). bandwidth 0: no theta gradient."""
     z = preactivations(x, W_enc, b_enc, b_dec)
     theta = threshold.to(z.dtype).expand_as(z)
-    candidate = z > theta - bandwidth / 2  # above the band's lower edge (bandwidth 0: the active set)
-    ranked = torch.where(candidate, z - theta, float("-inf"))
-    _, indices = topk_lower_index_ties(ranked, max_active)
-    listed = candidate.gather(1, indices)
+    shifted = z - (theta - bandwidth / 2)  # above the band's lower edge (bandwidth 0: the active set)
+    candidate = shifted > 0
+    _, ranked = topk_lower_index_ties(torch.where(candidate, shifted, float("-inf")), max_active)
+    # The kept latents in ascending index, the padding (key M) after them.
+    num_latents = z.shape[1]
+    indices = torch.where(candidate.gather(1, ranked), ranked, num_latents).sort(1).values
+    listed = indices < num_latents
+    indices = torch.where(listed, indices, 0)
     z_listed, theta_listed = z.gather(1, indices), theta.gather(1, indices)
     values = torch.where(listed, JumpReLU.apply(z_listed, theta_listed, bandwidth), 0).to(x.dtype)
     l0 = torch.where(listed, Step.apply(z_listed, theta_listed, bandwidth), 0).sum(1).to(x.dtype)
     counts = (listed & (z_listed > theta_listed)).sum(1).to(torch.int32)
-    indices = torch.where(listed, indices, 0).to(torch.int32)
+    indices = indices.to(torch.int32)
     truncated_rows = (candidate.sum(1) > max_active).sum()
     return values, indices, counts, l0, truncated_rows

@@ -14,10 +14,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-HELP = ("train top-k SAEs: on a layer of the embedded model, on activation shards, or streamed from any "
-        "Hugging Face model over a corpus (one SAE or transcoder per hookpoint, or one cross-layer "
-        "transcoder over several)")
+HELP = ("train top-k, BatchTopK or JumpReLU SAEs: on a layer of the embedded model, on activation shards, or "
+        "streamed from any Hugging Face model over a corpus (one SAE or transcoder per hookpoint, or one "
+        "cross-layer transcoder over several)")
 COMMAND = "train-sae"
+
+
+def sae_options(args: argparse.Namespace) -> tuple[int, dict]:
+    """build_sae's k and architecture options from the SAE arguments (jumprelu: k is the cap)."""
+    if args.architecture == "jumprelu":
+        max_active = args.max_active or min(4 * args.k, args.latents)
+        return max_active, {"bandwidth": args.bandwidth, "l0_coefficient": args.l0_coefficient}
+    return args.k, {"k_aux": args.k_aux, "aux_alpha": args.aux_alpha}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,12 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--buffer-tokens", type=positive_int, default=65536,
                         help="tokens in the shuffle buffer (default 65536)")
     sae = parser.add_argument_group("SAE")
-    sae.add_argument("--architecture", choices=("topk", "batch_topk"), default="topk")
+    sae.add_argument("--architecture", choices=("topk", "batch_topk", "jumprelu"), default="topk")
     sae.add_argument("--latents", type=positive_int, default=4096, help="number of latents M (default 4096)")
     sae.add_argument("--k", type=positive_int, default=32, help="active latents per token (default 32)")
     sae.add_argument("--k-aux", type=nonnegative_int, default=None,
                      help="AuxK's k (default d_model / 2; 0 turns AuxK off)")
     sae.add_argument("--aux-alpha", type=finite_float(0), default=1 / 32, help="AuxK loss weight (default 1/32)")
+    sae.add_argument("--max-active", type=positive_int, default=None,
+                     help="jumprelu: the cap on active latents per token (default 4 x --k)")
+    sae.add_argument("--bandwidth", type=finite_float(0, inclusive=False), default=1e-3,
+                     help="jumprelu: the straight-through estimator's kernel width (default 1e-3)")
+    sae.add_argument("--l0-coefficient", type=finite_float(0), default=1e-3,
+                     help="jumprelu: the L0 penalty's weight (default 1e-3)")
     sae.add_argument("--backend", default="auto", help="backend of the fused ops: auto, cuda, triton, cpu, torch")
     train = parser.add_argument_group("training (defaults: pyinterp.sae.TrainConfig's)")
     train.add_argument("--tokens", type=positive_int, default=defaults.tokens,
@@ -194,9 +208,9 @@ def run(args) -> int:
                              dead_after_tokens=args.dead_after_tokens, precision=args.precision,
                              log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                              seed=args.seed, nonfinite=args.nonfinite, progress=not args.no_progress)
-        sae = build_sae(args.architecture, source.d_model, args.latents, args.k, parallel=context.mode,
-                        device=device, k_aux=args.k_aux, aux_alpha=args.aux_alpha, backend=args.backend,
-                        seed=args.seed)
+        k, options = sae_options(args)
+        sae = build_sae(args.architecture, source.d_model, args.latents, k, parallel=context.mode,
+                        device=device, backend=args.backend, seed=args.seed, **options)
         from pyinterp.sae.sinks import make_sinks
 
         trainer = Trainer(sae, source, config, out, resume=args.resume, allow_changes=args.allow_changes,

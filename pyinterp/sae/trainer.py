@@ -20,13 +20,14 @@ from torch import Tensor
 
 from pyinterp import _validation
 from pyinterp._atomic import atomic_write_text, kill_point
+from pyinterp.nn.jumprelu import JumpReLUSAE
 from pyinterp.nn.sae import BatchTopKSAE, TopKSAE, total_variance, write_sae_folder
 from pyinterp.sae import checkpoint
 from pyinterp.sae.data import ActivationSource
 from pyinterp.sae.distributed import LatentShardedTopKSAE, ParallelContext
 
 PRECISIONS = ("auto", "fp32", "bf16")
-ARCHITECTURES = {"topk": TopKSAE, "batch_topk": BatchTopKSAE}
+ARCHITECTURES = {"topk": TopKSAE, "batch_topk": BatchTopKSAE, "jumprelu": JumpReLUSAE}
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -93,7 +94,8 @@ class TrainConfig:
 
 def build_sae(architecture: str, d_model: int, n_latents: int, k: int, *, parallel: str = "none",
               device=None, **options) -> TopKSAE:
-    """The SAE module for an architecture and parallel mode (latent sharding needs a process group)."""
+    """The SAE module for an architecture and parallel mode (latent sharding needs a process group).
+    k is the per-token cap (max_active) for jumprelu."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
     if parallel == "latents":
