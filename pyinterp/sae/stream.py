@@ -337,7 +337,8 @@ def run_streaming(args) -> int:
     from pyinterp.nn import TopKTranscoder
     from pyinterp.sae.cache import folder_name, load_model
     from pyinterp.sae.checkpoint import MANIFEST, CheckpointError
-    from pyinterp.sae.cli import COMMAND, _check_arguments, _check_backend, _check_disk_space, _device
+    from pyinterp.sae.cli import (COMMAND, _check_arguments, _check_backend, _check_disk_space, _device,
+                                  architecture_options)
     from pyinterp.sae.sinks import MissingPackageError, check_sinks, make_sinks
     from pyinterp.sae.trainer import NonFiniteError, TrainConfig, Trainer, build_sae
 
@@ -395,7 +396,8 @@ def run_streaming(args) -> int:
                                      **({} if args.k_aux is None else {"k_aux": args.k_aux}))
             else:
                 sae = build_sae(args.architecture, source.d_model, args.latents, args.k, device=device,
-                                k_aux=args.k_aux, aux_alpha=args.aux_alpha, backend=args.backend, seed=args.seed)
+                                k_aux=args.k_aux, aux_alpha=args.aux_alpha, backend=args.backend, seed=args.seed,
+                                **architecture_options(args))
             return Trainer(sae, source, config, out / folder_name(name), resume=args.resume,
                            allow_changes=args.allow_changes, sinks=make_sinks(args.log_to, out, folder_name(name)))
 
