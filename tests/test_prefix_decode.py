@@ -128,3 +128,16 @@ def test_bad_indices_raise_naming_the_argument():
         pyinterp.prefix_decode(values, indices + 12, W_dec, [4, 12], b_dec)
     with pytest.raises(ValueError, match="indices must have the shape of values"):
         pyinterp.prefix_decode(values, indices[:, :1], W_dec, [4, 12], b_dec)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_unchecked_out_of_range_indices_are_never_read_through(backend, device):
+    values, indices, W_dec, b_dec = _problem(4, 3, 10, 5, seed=6, device=device)
+    indices[1, 2] = 10
+    if backend == "cpu":  # the C++ kernel checks anyway, at no cost
+        with pytest.raises(RuntimeError, match=r"indices\[1, 2\] = 10 is out of range"):
+            pyinterp.prefix_decode(values, indices, W_dec, [3, 10], b_dec, backend=backend, check_indices=False)
+        return
+    got = pyinterp.prefix_decode(values, indices, W_dec, [3, 10], b_dec, backend=backend, check_indices=False)
+    values[1, 2], indices[1, 2] = 0, 0
+    torch.testing.assert_close(got, reference.prefix_decode(values, indices, W_dec, [3, 10], b_dec))

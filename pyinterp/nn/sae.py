@@ -31,7 +31,8 @@ class SAEOutput(NamedTuple):
     """x_hat (N, D); values / indices (N, k') the active latents (values post-ReLU, zero where
     unused); fvu = ||x - x_hat||^2 / ||x - mean(x)||^2; aux_loss = the scaled, normalised AuxK loss
     (zero without dead latents); loss = fvu + aux_alpha * aux_loss (+ multi_topk_fvu / 8 with
-    multi_topk). multi_topk_fvu: the FVU of the top-(4k) reconstruction (zero without multi_topk).
+    multi_topk). multi_topk_fvu: the FVU of the top-(4k) reconstruction (zero without multi_topk; None
+    from modules that have no such option).
     Losses are fp32 scalars (float64 for a float64 SAE)."""
     x_hat: Tensor
     values: Tensor
