@@ -75,7 +75,7 @@ void forward_kernel(const at::Tensor& values, const at::Tensor& indices, const a
 
   at::parallel_for(0, N, row_grain(k * D + P * D), [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> acc(D), stage(D);
-    std::vector<int64_t> bucket(k), start(P + 1), order(k), latent(k);
+    std::vector<int64_t> bucket(k), start(P + 1), cursor(P), order(k), latent(k);
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(start.begin(), start.end(), 0);
       for (int64_t j = 0; j < k; ++j) {
@@ -84,7 +84,7 @@ void forward_kernel(const at::Tensor& values, const at::Tensor& indices, const a
         ++start[bucket[j] + 1];
       }
       for (int64_t p = 0; p < P; ++p) start[p + 1] += start[p];
-      std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+      std::copy(start.begin(), start.end() - 1, cursor.begin());
       for (int64_t j = 0; j < k; ++j) order[cursor[bucket[j]]++] = j;  // stable: j order within a bucket
       if (b != nullptr) {
         std::copy(b, b + D, acc.begin());
