@@ -34,6 +34,17 @@ TORCH_LIBRARY(pyinterp, m) {
   // Deterministic: each latent's (n, j) pairs are reduced in increasing (n, j) order.
   m.def("sparse_t_matmul(Tensor coef, Tensor indices, Tensor rows, int num_latents) -> "
         "(Tensor weight_grad, Tensor coef_sum)");
+  // ---- Matryoshka SAE: prefix decode (pyinterp/ops/prefix_decode.py) ----
+  // prefixes m_0 < ... < m_{P-1} = M; latent i is in bucket b(i) = #{p : m_p <= i}.
+  // out[p, n] = sum_{j: indices[n,j] < m_p} values[n,j] * weight[indices[n,j]] (+ bias): (P, N, D),
+  // from one pass over each row's entries grouped by bucket. indices int32.
+  m.def("prefix_decode_forward(Tensor values, Tensor indices, Tensor weight, Tensor? bias, int[] prefixes) "
+        "-> Tensor");
+  // Backward products; grad_suffix (P, N, D) holds G[b] = sum_{p >= b} dL/dout[p]:
+  //   out[n, j] = <grad_suffix[b(i), n], weight[i]>, i = indices[n, j]             (N, k)
+  m.def("prefix_gather_dot(Tensor grad_suffix, Tensor indices, Tensor weight, int[] prefixes) -> Tensor");
+  //   out[i] = sum_{(n,j): indices[n,j]=i} coef[n,j] * grad_suffix[b(i), n]         (M, D), deterministic
+  m.def("prefix_t_matmul(Tensor coef, Tensor indices, Tensor grad_suffix, int[] prefixes) -> Tensor");
   // ---- integrated Jacobians (pyinterp/ops/ij_accumulate.py) ----
   // One chunk of K quadrature nodes, added in place so that the (E, N, S, D) per-node tensor never exists:
   //   Jc[e,s,d] = sum_k weights[k] * grads[k,e,s,d]

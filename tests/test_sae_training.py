@@ -181,7 +181,7 @@ class _HostSyncDetector(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batch_topk"])
+@pytest.mark.parametrize("architecture", ["topk", "batch_topk", "matryoshka_batch_topk"])
 def test_training_step_has_no_host_sync(architecture):
     with _HostSyncDetector() as control:
         int((torch.arange(3) > 0).sum())

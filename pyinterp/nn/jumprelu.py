@@ -36,6 +36,7 @@ class JumpReLUSAE(TopKSAE):
     threshold encode. Initialised as TopKSAE, with every threshold = init_threshold."""
 
     architecture = "jumprelu"
+    load_keys = ("seed", "bandwidth", "l0_coefficient")  # no AuxK; its own STE settings
 
     def __init__(self, d_model: int, n_latents: int, max_active: int, *, bandwidth: float = 1e-3,
                  l0_coefficient: float = 1e-3, init_threshold: float = 1e-3, **kwargs):

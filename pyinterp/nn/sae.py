@@ -17,6 +17,7 @@ from pyinterp import _validation
 from pyinterp._dtypes import accumulator_dtype
 from pyinterp._atomic import atomic_write_json, atomic_write_safetensors
 from pyinterp.ops.sparse_decode import sparse_decode
+from pyinterp.ops.threshold_encode import threshold_encode
 from pyinterp.ops.topk_encode import topk_encode
 from pyinterp.reference.topk_encode import topk_lower_index_ties
 
@@ -29,14 +30,23 @@ EXPORT_NAMES = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_
 class SAEOutput(NamedTuple):
     """x_hat (N, D); values / indices (N, k') the active latents (values post-ReLU, zero where
     unused); fvu = ||x - x_hat||^2 / ||x - mean(x)||^2; aux_loss = the scaled, normalised AuxK loss
-    (zero without dead latents); loss = fvu + aux_alpha * aux_loss. Losses are fp32 scalars
-    (float64 for a float64 SAE)."""
+    (zero without dead latents); loss = fvu + aux_alpha * aux_loss (+ multi_topk_fvu / 8 with
+    multi_topk). multi_topk_fvu: the FVU of the top-(4k) reconstruction (zero without multi_topk; None
+    from modules that have no such option).
+    Losses are fp32 scalars (float64 for a float64 SAE)."""
     x_hat: Tensor
     values: Tensor
     indices: Tensor
     fvu: Tensor
     aux_loss: Tensor
     loss: Tensor
+    multi_topk_fvu: Tensor | None = None
+
+
+# sparsify's multi-TopK (docs/sae_family.md, "Multi-TopK"): the extra FVU of the top-(4k) reconstruction,
+# weighted 1/8 in the loss.
+MULTI_TOPK_FACTOR = 4
+MULTI_TOPK_WEIGHT = 1 / 8
 
 
 def total_variance(x: Tensor, variance_floor: float | None = None) -> Tensor:
@@ -56,13 +66,16 @@ class TopKSAE(nn.Module):
 
     Init (docs/SAE_TRAINING.md, Gao et al. 2024): W_dec rows random unit vectors, W_enc = W_dec, biases zero;
     call init_b_dec(first_batch) before training. Under torch.autocast the fused ops run in the
-    autocast dtype on casts of the (fp32 master) weights. backend: that of the ops ("auto", "cuda",
-    "triton", "cpu", "torch")."""
+    autocast dtype on casts of the (fp32 master) weights. multi_topk (sparsify's option): the loss adds
+    1/8 of the FVU of the top-(4k) reconstruction, from the same encode (k' = 4k, whose first k are the
+    top-k). backend: that of the ops ("auto", "cuda", "triton", "cpu", "torch")."""
 
     architecture = "topk"
+    # config() keys that load() passes back to the constructor
+    load_keys = ("k_aux", "aux_alpha", "seed", "multi_topk")
 
     def __init__(self, d_model: int, n_latents: int, k: int, *, k_aux: int | None = None,
-                 aux_alpha: float = 1 / 32, backend: str = "auto", seed: int = 0,
+                 aux_alpha: float = 1 / 32, multi_topk: bool = False, backend: str = "auto", seed: int = 0,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         name = type(self).__name__
@@ -75,7 +88,10 @@ class TopKSAE(nn.Module):
         if not (isinstance(aux_alpha, (int, float)) and math.isfinite(aux_alpha) and aux_alpha >= 0):
             raise ValueError(f"{name}: aux_alpha must be a finite number >= 0, got {aux_alpha!r}")
         self.d_model, self.n_latents, self.k, self.k_aux = d_model, n_latents, k, k_aux
+        if not isinstance(multi_topk, bool):
+            raise TypeError(f"{name}: multi_topk must be a bool, got {type(multi_topk).__name__}")
         self.aux_alpha, self.backend, self.seed = float(aux_alpha), backend, seed
+        self.multi_topk = multi_topk
         # Drawn on the CPU from a seeded generator: the same init on every device and every rank.
         generator = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(n_latents, d_model, generator=generator)
@@ -88,8 +104,11 @@ class TopKSAE(nn.Module):
 
     # ---- config and initialisation ----
     def config(self) -> dict:
-        return {"architecture": self.architecture, "d_model": self.d_model, "n_latents": self.n_latents,
-                "k": self.k, "k_aux": self.k_aux, "aux_alpha": self.aux_alpha, "seed": self.seed}
+        """The constructor's settings. multi_topk is listed only when on, so that the checkpoints of
+        runs from before the option resume (the trainer compares every key)."""
+        config = {"architecture": self.architecture, "d_model": self.d_model, "n_latents": self.n_latents,
+                  "k": self.k, "k_aux": self.k_aux, "aux_alpha": self.aux_alpha, "seed": self.seed}
+        return {**config, "multi_topk": True} if self.multi_topk else config
 
     @torch.no_grad()
     def init_b_dec(self, x: Tensor) -> None:
@@ -130,14 +149,21 @@ class TopKSAE(nn.Module):
             return [t.to(dtype) for t in tensors]
         return [t.to(self.W_enc.dtype) for t in tensors]
 
+    def _encode_k(self) -> int:
+        """Latents the encoder selects per token: k, or min(4k, M) with multi_topk (its first k columns
+        are the top-k: topk_encode's output is descending, ties to the lower index, so the top-k is
+        the prefix of the top-4k)."""
+        return min(MULTI_TOPK_FACTOR * self.k, self.n_latents) if self.multi_topk else self.k
+
     def _select(self, x: Tensor, dead_mask: Tensor | None):
-        """(values, indices, aux_values, aux_indices, num_dead) for flat x (N, D) in compute dtype."""
+        """(values, indices, aux_values, aux_indices, num_dead) for flat x (N, D) in compute dtype;
+        values / indices have _encode_k() columns."""
         W_enc, b_enc, b_dec = self._cast(self.W_enc, self.b_enc, self.b_dec)
         if dead_mask is None or self.k_aux == 0:
-            values, indices = topk_encode(x, W_enc, b_enc, self.k, b_dec=b_dec, backend=self.backend)
+            values, indices = topk_encode(x, W_enc, b_enc, self._encode_k(), b_dec=b_dec, backend=self.backend)
             return values, indices, None, None, None
         values, indices, aux_values, aux_indices = topk_encode(
-            x, W_enc, b_enc, self.k, b_dec=b_dec, dead_mask=dead_mask, k_aux=self.k_aux,
+            x, W_enc, b_enc, self._encode_k(), b_dec=b_dec, dead_mask=dead_mask, k_aux=self.k_aux,
             backend=self.backend)
         return values, indices, aux_values, aux_indices, dead_mask.sum()
 
@@ -151,6 +177,8 @@ class TopKSAE(nn.Module):
         self._check_input(x)
         (flat,) = self._cast(x.reshape(-1, self.d_model))
         values, indices = self._select(flat, None)[:2]
+        if self.multi_topk:
+            values, indices = values[:, :self.k], indices[:, :self.k]
         return values.reshape(*x.shape[:-1], -1), indices.reshape(*x.shape[:-1], -1)
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
@@ -167,16 +195,26 @@ class TopKSAE(nn.Module):
         self._check_input(x)
         (flat,) = self._cast(x.reshape(-1, self.d_model))
         values, indices, aux_values, aux_indices, num_dead = self._select(flat, dead_mask)
+        if self.multi_topk:  # columns k.. are the rest of the top-4k
+            values, indices, more_values, more_indices = (values[:, :self.k], indices[:, :self.k],
+                                                          values[:, self.k:], indices[:, self.k:])
         (b_dec,) = self._cast(self.b_dec)
         x_hat = self._decode_sum(values, indices) + b_dec
         target = flat.to(accumulator_dtype(flat.dtype))  # losses in fp32 (float64 stays float64)
-        fvu = (target - x_hat.to(target.dtype)).pow(2).sum() / total_variance(target, variance_floor)
+        variance = total_variance(target, variance_floor)
+        fvu = (target - x_hat.to(target.dtype)).pow(2).sum() / variance
         if aux_values is None:
             aux_loss = fvu.new_zeros(())
         else:
             aux_loss = self._aux_loss(target, x_hat, aux_values, aux_indices, num_dead, variance_floor)
-        return SAEOutput(x_hat.reshape(x.shape), values, indices, fvu, aux_loss,
-                         fvu + self.aux_alpha * aux_loss)
+        loss = fvu + self.aux_alpha * aux_loss
+        multi_topk_fvu = fvu.new_zeros(())
+        if self.multi_topk:
+            # The top-4k reconstruction is the top-k one plus the other 3k latents: no second full decode.
+            x_hat_multi = x_hat + self._decode_sum(more_values, more_indices)
+            multi_topk_fvu = (target - x_hat_multi.to(target.dtype)).pow(2).sum() / variance
+            loss = loss + MULTI_TOPK_WEIGHT * multi_topk_fvu
+        return SAEOutput(x_hat.reshape(x.shape), values, indices, fvu, aux_loss, loss, multi_topk_fvu)
 
     def _aux_loss(self, target: Tensor, x_hat: Tensor, aux_values: Tensor, aux_indices: Tensor,
                   num_dead: Tensor, variance_floor: float | None) -> Tensor:
@@ -211,7 +249,7 @@ class TopKSAE(nn.Module):
         """cfg.json: sparsify's fields (it ignores extra keys) plus pyinterp's own."""
         return {"d_in": self.d_model, "num_latents": self.n_latents, "k": self.k, "activation": "topk",
                 "expansion_factor": max(self.n_latents // self.d_model, 1), "normalize_decoder": True,
-                "multi_topk": False, "skip_connection": False, "transcode": False,
+                "multi_topk": self.multi_topk, "skip_connection": False, "transcode": False,
                 "pyinterp": self.config()}
 
     def save(self, path: str | Path) -> None:
@@ -244,10 +282,11 @@ class TopKSAE(nn.Module):
         own = config.get("pyinterp", {})
         if not isinstance(own, dict):
             raise ValueError(f"{config_path}: 'pyinterp' must be a JSON object, got {own!r}")
-        module = BatchTopKSAE if own.get("architecture") == BatchTopKSAE.architecture else TopKSAE
-        if activation == "jumprelu":
-            from pyinterp.nn.jumprelu import JumpReLUSAE  # it builds on this module
-            module = JumpReLUSAE
+        from pyinterp.nn.jumprelu import JumpReLUSAE  # they build on this module
+        from pyinterp.nn.matryoshka import MatryoshkaBatchTopKSAE
+
+        modules = {m.architecture: m for m in (BatchTopKSAE, MatryoshkaBatchTopKSAE)}
+        module = JumpReLUSAE if activation == "jumprelu" else modules.get(own.get("architecture"), TopKSAE)
         try:
             with safe_open(str(weights_path), framework="pt") as handle:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
@@ -267,11 +306,9 @@ class TopKSAE(nn.Module):
             if tuple(tensors[name].shape) != shape:
                 raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
                                  f"expected {shape} (from encoder.weight)")
-        kwargs = {key: own[key] for key in ("k_aux", "aux_alpha", "seed") if key in own}
-        if activation == "jumprelu":  # no AuxK; its own STE settings
-            kwargs = {key: own[key] for key in ("seed", "bandwidth", "l0_coefficient") if key in own}
-        if module is BatchTopKSAE:
-            kwargs.update({key: own[key] for key in ("max_k_per_row", "threshold_momentum") if key in own})
+        kwargs = {key: own[key] for key in module.load_keys if key in own}
+        if module is TopKSAE and "multi_topk" not in own and isinstance(config.get("multi_topk"), bool):
+            kwargs["multi_topk"] = config["multi_topk"]  # an SAE trained by sparsify
         try:
             sae = module(d_model, n_latents, config["k"], backend=backend, device=device,
                          dtype=tensors["encoder.weight"].dtype, **kwargs)
@@ -293,13 +330,19 @@ class BatchTopKSAE(TopKSAE):
     tokens, so the active count varies per token. Built on the per-token fused ops: each token
     proposes its max_k_per_row best latents, the batch keeps the k*N best proposals and the rest are
     zero-valued padding (exact while no token needs more than max_k_per_row; `saturated_rows`
-    counts the tokens that hit the cap). In eval mode it is a JumpReLU: keep the proposals above
-    `threshold`, an EMA over training batches of the smallest kept activation."""
+    counts the tokens that hit the cap). In eval mode it is a JumpReLU with one global threshold,
+    encoded by pyinterp.threshold_encode (a variable number of active latents per token, at most
+    max_k_per_row; saturated_rows then counts the tokens over the cap): `threshold` is an EMA over
+    training batches of the smallest kept activation (docs/sae_family.md, "BatchTopK's threshold")."""
 
     architecture = "batch_topk"
+    load_keys = TopKSAE.load_keys + ("max_k_per_row", "threshold_momentum")
 
     def __init__(self, d_model: int, n_latents: int, k: int, *, max_k_per_row: int | None = None,
                  threshold_momentum: float = 0.01, **kwargs):
+        if kwargs.get("multi_topk"):
+            raise ValueError(f"{type(self).__name__}: multi_topk is a per-token TopK loss (sparsify's); "
+                             "BatchTopK selection does not take it")
         super().__init__(d_model, n_latents, k, **kwargs)
         max_k_per_row = min(4 * k, n_latents) if max_k_per_row is None else max_k_per_row
         _validation.check_int(type(self).__name__, "max_k_per_row", max_k_per_row, low=k, high=n_latents,
@@ -327,15 +370,18 @@ class BatchTopKSAE(TopKSAE):
 
     def _select(self, x: Tensor, dead_mask: Tensor | None):
         W_enc, b_enc, b_dec = self._cast(self.W_enc, self.b_enc, self.b_dec)
+        if not self.training:  # no AuxK in eval mode: it is a training loss
+            threshold = self.threshold.to(x.dtype).expand(self.n_latents)
+            encoded = threshold_encode(x, W_enc, b_enc, threshold, self.max_k_per_row, b_dec=b_dec,
+                                       backend=self.backend)
+            self.saturated_rows.add_(encoded.truncated_rows)
+            return encoded.values, encoded.indices, None, None, None
         use_aux = dead_mask is not None and self.k_aux > 0
         outputs = topk_encode(x, W_enc, b_enc, self.max_k_per_row, b_dec=b_dec,
                               dead_mask=dead_mask if use_aux else None,
                               k_aux=self.k_aux if use_aux else 0, backend=self.backend)
         proposals, indices = outputs[:2]
-        if self.training:
-            keep = self._batch_top(proposals.detach())
-        else:
-            keep = proposals.detach() > self.threshold.to(proposals.dtype)
+        keep = self._batch_top(proposals.detach())
         values = proposals * keep  # dropped proposals: zero value, so zero gradient
         if not use_aux:
             return values, indices, None, None, None

@@ -25,13 +25,18 @@ def sae_options(args: argparse.Namespace) -> tuple[int, dict]:
     if args.architecture == "jumprelu":
         max_active = args.max_active or min(4 * args.k, args.latents)
         return max_active, {"bandwidth": args.bandwidth, "l0_coefficient": args.l0_coefficient}
-    return args.k, {"k_aux": args.k_aux, "aux_alpha": args.aux_alpha}
+    options = {"k_aux": args.k_aux, "aux_alpha": args.aux_alpha}
+    if args.matryoshka_prefixes is not None:
+        options["prefixes"] = args.matryoshka_prefixes
+    if args.multi_topk:
+        options["multi_topk"] = True
+    return args.k, options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pyinterp.cli import integer_at_least, finite_float, nonnegative_int, positive_int
     from pyinterp.sae.distributed import PARALLEL_MODES
-    from pyinterp.sae.trainer import NONFINITE_POLICIES, PRECISIONS, TrainConfig
+    from pyinterp.sae.trainer import ARCHITECTURES, NONFINITE_POLICIES, PRECISIONS, TrainConfig
 
     defaults = TrainConfig()
     source = parser.add_argument_group("activations")
@@ -68,7 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--buffer-tokens", type=positive_int, default=65536,
                         help="tokens in the shuffle buffer (default 65536)")
     sae = parser.add_argument_group("SAE")
-    sae.add_argument("--architecture", choices=("topk", "batch_topk", "jumprelu"), default="topk")
+    sae.add_argument("--architecture", choices=tuple(ARCHITECTURES), default="topk")
+    sae.add_argument("--matryoshka-prefixes", type=_prefix_list, default=None, metavar="M1,M2,...",
+                     help="with --architecture matryoshka_batch_topk: the nested dictionary sizes, strictly "
+                          "increasing, the last = --latents (default M/16,M/8,M/4,M/2,M)")
+    sae.add_argument("--multi-topk", action="store_true",
+                     help="with --architecture topk: add sparsify's multi-TopK loss (1/8 of the FVU of the "
+                          "top-4k reconstruction)")
     sae.add_argument("--latents", type=positive_int, default=4096, help="number of latents M (default 4096)")
     sae.add_argument("--k", type=positive_int, default=32, help="active latents per token (default 32)")
     sae.add_argument("--k-aux", type=nonnegative_int, default=None,
@@ -156,6 +167,13 @@ def _check_disk_space(out: Path, latents: int, d_model: int) -> None:
                            f"about {needed / 2**20:.1f} MiB")
 
 
+def _prefix_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 256,1024,4096, got {text!r}")
+
+
 def _check_arguments(args) -> None:
     """Errors a user can fix, named by their flag, before any model is loaded."""
     from pyinterp.cli import CommandError
@@ -166,6 +184,10 @@ def _check_arguments(args) -> None:
         raise CommandError(f"--k-aux {args.k_aux} is more than --latents {args.latents}")
     if args.allow_changes and not args.resume:
         raise CommandError("--allow-changes only applies with --resume")
+    if args.matryoshka_prefixes is not None and args.architecture != "matryoshka_batch_topk":
+        raise CommandError("--matryoshka-prefixes only applies with --architecture matryoshka_batch_topk")
+    if args.multi_topk and args.architecture != "topk":
+        raise CommandError("--multi-topk only applies with --architecture topk")
 
 
 def _describe(metrics: dict) -> str:

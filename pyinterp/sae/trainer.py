@@ -21,13 +21,15 @@ from torch import Tensor
 from pyinterp import _validation
 from pyinterp._atomic import atomic_write_text, kill_point
 from pyinterp.nn.jumprelu import JumpReLUSAE
+from pyinterp.nn.matryoshka import MatryoshkaBatchTopKSAE
 from pyinterp.nn.sae import BatchTopKSAE, TopKSAE, total_variance, write_sae_folder
 from pyinterp.sae import checkpoint
 from pyinterp.sae.data import ActivationSource
 from pyinterp.sae.distributed import LatentShardedTopKSAE, ParallelContext
 
 PRECISIONS = ("auto", "fp32", "bf16")
-ARCHITECTURES = {"topk": TopKSAE, "batch_topk": BatchTopKSAE, "jumprelu": JumpReLUSAE}
+ARCHITECTURES = {"topk": TopKSAE, "batch_topk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
+                 "matryoshka_batch_topk": MatryoshkaBatchTopKSAE}
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -99,8 +101,9 @@ def build_sae(architecture: str, d_model: int, n_latents: int, k: int, *, parall
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
     if parallel == "latents":
-        if architecture != "topk":
-            raise ValueError(f"parallel='latents' supports architecture='topk' only, got {architecture!r}")
+        if architecture != "topk" or options.get("multi_topk"):
+            raise ValueError(f"parallel='latents' supports architecture='topk' without multi_topk only, got "
+                             f"{architecture!r}{' with multi_topk' if options.get('multi_topk') else ''}")
         return LatentShardedTopKSAE(d_model, n_latents, k, device=device, **options)
     return ARCHITECTURES[architecture](d_model, n_latents, k, device=device, **options)
 
