@@ -595,19 +595,141 @@ def test_saelens_topk_saved_loads_into_pyinterp_and_back(saelens, tmp_path, resc
         torch.testing.assert_close(SAE.load_from_disk(tmp_path / "back", dtype="float64")(x), expected_out)
 
 
-def test_saelens_conversion_refuses_other_architectures(saelens):
+def dense_codes(values, indices, latents):
+    """(N, latents) from sparse codes; added, as threshold_encode's unused slots are (index 0, value 0)."""
+    return torch.zeros(*values.shape[:-1], latents, dtype=values.dtype).scatter_add(-1, indices.long(), values)
+
+
+def assert_same_sae(sae, host_sae, x):
+    """pyinterp SAE `sae` has the activations and reconstruction of SAELens' `host_sae` on x."""
+    values, indices = sae.encode(x)
+    torch.testing.assert_close(dense_codes(values, indices, sae.n_latents), host_sae.encode(x))
+    torch.testing.assert_close(sae(x).x_hat, host_sae(x))
+
+
+def make_saelens_batchtopk(rescale, apply_b_dec_to_input, k=5):
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+        d_in=16, d_sae=96, k=k, dtype="float64", device="cpu", rescale_acts_by_decoder_norm=rescale,
+        apply_b_dec_to_input=apply_b_dec_to_input))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.W_dec.mul_(torch.rand(96, 1, dtype=torch.float64) + 0.5)
+    sae.topk_threshold = torch.tensor(0.2, dtype=torch.float64)
+    return sae
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_saelens_batchtopk_loads_into_pyinterp_and_back(saelens, tmp_path, rescale, apply_b_dec_to_input):
+    """A BatchTopKTrainingSAE: its training (batch top-k) activations in pyinterp's training mode;
+    the JumpReLU SAELens saves it as, in pyinterp's eval mode; back to SAELens as that JumpReLU."""
+    from sae_lens import SAE
+
+    from pyinterp.nn import BatchTopKSAE, JumpReLUSAE
+
+    integration = saelens[1]
+    trained = make_saelens_batchtopk(rescale, apply_b_dec_to_input)
+    x = torch.randn(13, 16, dtype=torch.float64) + 0.5
+    sae = integration.to_pyinterp(trained, backend="cpu")
+    assert isinstance(sae, BatchTopKSAE) and sae.k == 5 and float(sae.threshold) == pytest.approx(0.2)
+    with torch.no_grad():
+        training_acts = trained.encode(x)
+        assert 0 < int((training_acts > 0).sum()) <= 5 * 13
+        values, indices = sae.train().encode(x)
+        torch.testing.assert_close(dense_codes(values, indices, 96), training_acts)
+        trained.save_inference_model(tmp_path / "host")
+        loaded = SAE.load_from_disk(tmp_path / "host", dtype="float64")
+        assert loaded.cfg.architecture() == "jumprelu"
+        sae = integration.to_pyinterp(trained, backend="cpu").eval()
+        assert_same_sae(sae, loaded, x)
+        back = integration.from_pyinterp(sae)
+        back.save_model(tmp_path / "back")
+        assert_same_sae(sae, SAE.load_from_disk(tmp_path / "back", dtype="float64"), x)
+        assert isinstance(integration.to_pyinterp(loaded, backend="cpu"), JumpReLUSAE)
+
+
+def make_saelens_jumprelu(apply_b_dec_to_input=True):
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=16, d_sae=96, dtype="float64", device="cpu",
+                                                        apply_b_dec_to_input=apply_b_dec_to_input,
+                                                        jumprelu_bandwidth=0.01))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.threshold.copy_(torch.rand(96) * 0.5)
+    return sae
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_saelens_jumprelu_saved_loads_into_pyinterp_and_back(saelens, tmp_path, apply_b_dec_to_input):
+    from sae_lens import SAE
+
+    from pyinterp.nn import JumpReLUSAE
+
+    integration = saelens[1]
+    trained = make_saelens_jumprelu(apply_b_dec_to_input)
+    x = torch.randn(13, 16, dtype=torch.float64) + 0.5
+    trained.save_inference_model(tmp_path / "host")
+    loaded = SAE.load_from_disk(tmp_path / "host", dtype="float64")
+    with torch.no_grad():
+        assert 0 < int((loaded.encode(x) > 0).sum()) < 13 * 96  # the thresholds cut some latents
+        for source in (loaded, trained):
+            sae = integration.to_pyinterp(source, backend="cpu").eval()
+            assert isinstance(sae, JumpReLUSAE) and sae.max_active == 96
+            assert_same_sae(sae, loaded, x)
+        assert sae.bandwidth == 0.01  # the training SAE's
+        back = integration.from_pyinterp(sae)
+        back.save_model(tmp_path / "back")
+        assert_same_sae(sae, SAE.load_from_disk(tmp_path / "back", dtype="float64"), x)
+
+
+def test_saelens_conversion_refuses_what_would_change_activations(saelens):
     host, integration, _ = saelens
-    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
-    from pyinterp.nn import BatchTopKSAE
+    from pyinterp.nn import BatchTopKSAE, JumpReLUSAE
 
-    jumprelu = JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=96, device="cpu"))
-    with pytest.raises(ValueError, match="jumprelu"):
-        integration.to_pyinterp(jumprelu)
+    with pytest.raises(ValueError, match="'standard'"):
+        integration.to_pyinterp(StandardSAE(StandardSAEConfig(d_in=16, d_sae=96, device="cpu")))
     with pytest.raises(ValueError, match="normalize_activations"):
         integration.to_pyinterp(make_saelens(host, normalize_activations="expected_average_only_in"))
-    with pytest.raises(ValueError, match="BatchTopKSAE"):
+    jumprelu = make_saelens_jumprelu()
+    with torch.no_grad():
+        jumprelu.threshold[3] = -0.1
+    with pytest.raises(ValueError, match="1 latents have a negative threshold"):
+        integration.to_pyinterp(jumprelu)
+    del jumprelu.threshold
+    with pytest.raises(ValueError, match="no threshold"):
+        integration.to_pyinterp(jumprelu)
+    batchtopk = make_saelens_batchtopk(True, True, k=2.5)
+    with pytest.raises(ValueError, match=r"k=2\.5 is not a positive integer"):
+        integration.to_pyinterp(batchtopk)
+    batchtopk = make_saelens_batchtopk(True, True)
+    batchtopk.topk_threshold = torch.tensor(0.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="topk_threshold is 0.0"):
+        integration.to_pyinterp(batchtopk)
+    with pytest.raises(ValueError, match="max_k_per_row=16"):
         integration.from_pyinterp(BatchTopKSAE(16, 96, 4))
+    with pytest.raises(ValueError, match="max_active=8"):
+        integration.from_pyinterp(JumpReLUSAE(16, 96, 8))
+
+
+def test_saelens_apply_refuses_batchtopk(saelens):
+    """BatchTopKTrainingSAE subclasses TopKTrainingSAE and calls its forward: the patched per-token
+    top-k would silently replace its batch top-k."""
+    host, integration, TrainStepInput = saelens
+    sae = make_saelens_batchtopk(True, True)
+    with pytest.raises(NotImplementedError, match="'batchtopk'"):
+        integration.apply(sae=sae)
+    with integration.apply():
+        with pytest.raises(NotImplementedError, match="'batchtopk'"):
+            saelens_step(sae, TrainStepInput, torch.randn(4, 16, dtype=torch.float64), None)
 
 
 def test_dictionary_learning_saved_dictionaries_load_into_pyinterp_and_back(dictionary_learning, tmp_path):
@@ -630,8 +752,12 @@ def test_dictionary_learning_saved_dictionaries_load_into_pyinterp_and_back(dict
             expected = loaded(x)
             sae = integration.to_pyinterp(loaded, backend="cpu")
             assert module is None or isinstance(sae, module)
+            torch.testing.assert_close(dense_codes(*sae.encode(x), 96), loaded.encode(x))
             torch.testing.assert_close(sae(x).x_hat, expected)
             torch.testing.assert_close(integration.from_pyinterp(sae)(x), expected)
+            if module is BatchTopKSAE:  # training mode: the batch's k * N largest, as the host's
+                torch.testing.assert_close(dense_codes(*sae.train().encode(x), 96),
+                                           loaded.encode(x, use_threshold=False))
     batch.threshold.fill_(-1)  # never set by training
     with pytest.raises(ValueError, match="threshold"):
         integration.to_pyinterp(batch)
