@@ -241,12 +241,56 @@ def test_sparsify_refuses_other_versions_and_signatures(sparsify, monkeypatch):
                    r"sparsify\.sparse_coder\.fused_encoder of eai-sparsify 1\.3")
 
 
+def sparsify_full_step(coder, x, y, dead_mask):
+    """The loss sparsify's Trainer backpropagates, with its Multi-TopK term."""
+    for p in coder.parameters():
+        p.grad = None
+    out = coder(x, y, dead_mask=dead_mask)
+    (out.fvu + out.auxk_loss + out.multi_topk_fvu / 8).backward()
+    return out, grads(coder)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+@pytest.mark.parametrize("config", [{"multi_topk": True}, {"skip_connection": True}, {"transcode": True},
+                                    {"multi_topk": True, "skip_connection": True}])
+def test_sparsify_config_options_match_host(sparsify, mode, config):
+    """multi_topk (its 4k loss and the 4k codes it returns), skip_connection, transcode: the patched
+    forward against the host's; fused's Multi-TopK gradient also reaches the encoder."""
+    host, integration = sparsify
+    coder = make_coder(host, **config)
+    with torch.no_grad():
+        if coder.W_skip is not None:
+            coder.W_skip.normal_(0, 0.1)
+        if config.get("transcode"):  # sparsify starts a transcoder's decoder at zero
+            coder.W_dec.normal_(0, 0.3)
+    x = torch.randn(23, 16, dtype=torch.float64) + 0.5
+    y = torch.randn(23, 16, dtype=torch.float64) if config.get("transcode") else None
+    dead_mask = torch.arange(96) % 4 == 0
+    expected, expected_grads = sparsify_full_step(coder, x, y, dead_mask)
+    with integration.apply(mode):
+        actual, actual_grads = sparsify_full_step(coder, x, y, dead_mask)
+    k = 4 * 5 if config.get("multi_topk") else 5
+    assert actual.latent_indices.shape == (23, k) and actual.latent_indices.dtype == torch.int64
+    torch.testing.assert_close(sorted_codes(actual.latent_acts, actual.latent_indices),
+                               sorted_codes(expected.latent_acts, expected.latent_indices))
+    for name in ("sae_out", "fvu", "auxk_loss", "multi_topk_fvu"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), msg=lambda m: f"{name}: {m}")
+    assert (float(actual.multi_topk_fvu.detach()) > 0) == bool(config.get("multi_topk"))
+    encoder = ("encoder.weight", "encoder.bias", "b_dec")
+    assert_grads_close(actual_grads, expected_grads, skip=encoder if mode == "fused" else ())
+    if mode == "fused":  # AuxK's and Multi-TopK's gradient reach the encoder
+        assert not torch.allclose(actual_grads["encoder.weight"], expected_grads["encoder.weight"])
+
+
 def test_sparsify_unsupported_config_raises(sparsify):
     host, integration = sparsify
-    coder = make_coder(host, multi_topk=True)
+    coder = make_coder(host)
+    coder.cfg.activation = "groupmax"
     with integration.apply():
-        with pytest.raises(NotImplementedError, match="multi_topk"):
+        with pytest.raises(NotImplementedError, match="activation='groupmax'"):
             coder(torch.randn(4, 16, dtype=torch.float64))
+    with pytest.raises(NotImplementedError, match="activation='groupmax'"):
+        integration.apply(sae=coder)
 
 
 def test_sparsify_save_load_through_pyinterp(sparsify, tmp_path):
