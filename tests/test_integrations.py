@@ -812,3 +812,91 @@ def test_dictionary_learning_saved_dictionaries_load_into_pyinterp_and_back(dict
         from pyinterp.nn import TopKSAE
         build_pyinterp_sae("test", TopKSAE, torch.zeros(96, 16), torch.zeros(96), torch.zeros(96, 15),
                            torch.zeros(16), 4)
+
+
+# ---------------------------------------------------------------- bf16 weights and autocast
+# FlashAttention-style: the patched and the unpatched host each against a float64 run of the same
+# (rounded) weights and batch; pyinterp's error may be at most LOW_PRECISION_FACTOR x the host's
+# own, plus one bf16 rounding step (2^-8) for outputs the host happens to get almost exact.
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION = [("bf16", torch.bfloat16, False), ("autocast", torch.float32, True)]
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((actual.double() - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def assert_low_precision_close(module, x, run, integration, mode, autocast, **apply_kwargs) -> None:
+    """run(module, x) -> {name: tensor}: patched and unpatched under autocast (when asked) against
+    run on a float64 copy of module and x."""
+    import copy
+
+    reference = run(copy.deepcopy(module).double(), x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        host = run(module, x)
+        with integration.apply(mode, **apply_kwargs):
+            ours = run(module, x)
+    assert ours.keys() == host.keys() == reference.keys()
+    for name in reference:
+        ours_error, host_error = relative_error(ours[name], reference[name]), relative_error(host[name], reference[name])
+        print(f"{name}: pyinterp {ours_error:.2e} host {host_error:.2e}")
+        assert ours_error <= LOW_PRECISION_FACTOR * host_error + 2**-8, (name, ours_error, host_error)
+
+
+def outputs_and_grads(module, out: torch.Tensor | None, loss: torch.Tensor) -> dict:
+    loss.backward()
+    result = {"loss": loss.detach().reshape(1)} | ({} if out is None else {"out": out.detach()})
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            result[f"grad {name}"] = p.grad.clone()
+            p.grad = None
+    return result
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+@pytest.mark.parametrize("name,dtype,autocast", LOW_PRECISION)
+def test_sparsify_low_precision_matches_host(sparsify, mode, name, dtype, autocast):
+    host, integration = sparsify
+    coder = make_coder(host, 32, 128, 8, dtype=dtype)
+    x = (torch.randn(48, 32) + 0.5).to(dtype)
+    dead_mask = torch.arange(128) % 3 == 0 if mode == "faithful" else None  # fused: the host's AuxK differs
+
+    def run(module, inputs):
+        out = module(inputs, dead_mask=dead_mask)
+        return outputs_and_grads(module, out.sae_out, out.fvu + out.auxk_loss)
+
+    assert_low_precision_close(coder, x, run, integration, mode, autocast, sae=coder)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+@pytest.mark.parametrize("name,dtype,autocast", LOW_PRECISION)
+def test_saelens_low_precision_matches_host(saelens, mode, name, dtype, autocast):
+    host, integration, TrainStepInput = saelens
+    sae = make_saelens(host, 32, 128, 8, dtype=str(dtype).removeprefix("torch."))
+    x = (torch.randn(48, 32) + 0.5).to(dtype)
+    dead_mask = torch.arange(128) % 3 == 0 if mode == "faithful" else None
+
+    def run(module, inputs):
+        out = module.training_forward_pass(TrainStepInput(sae_in=inputs, coefficients={}, dead_neuron_mask=dead_mask,
+                                                          n_training_steps=0, is_logging_step=False))
+        return outputs_and_grads(module, out.sae_out, out.loss)
+
+    assert_low_precision_close(sae, x, run, integration, mode, autocast, sae=sae)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+def test_dictionary_learning_bf16_matches_host(dictionary_learning, mode):
+    """dictionary_learning autocasts on GPUs only; on CPU its bf16 path is a bf16 dictionary."""
+    host, integration = dictionary_learning
+    trainer = make_trainer(host, 32, 128, 8, dead_after=50 if mode == "faithful" else 10**9)
+    trainer.ae.to(torch.bfloat16)
+    trainer.num_tokens_since_fired.copy_(torch.where(torch.arange(128) % 3 == 0, 100, 0))
+    x = (torch.randn(48, 32) + 0.5).to(torch.bfloat16)
+    counts = trainer.num_tokens_since_fired.clone()
+
+    def run(ae, inputs):
+        trainer.ae = ae
+        trainer.num_tokens_since_fired.copy_(counts)
+        return outputs_and_grads(ae, None, trainer.loss(inputs, step=1))  # TopKTrainer.loss is what is patched
+
+    assert_low_precision_close(trainer.ae, x, run, integration, mode, False, trainer=trainer)

@@ -9,7 +9,10 @@ Patched: `TopKTrainingSAE.training_forward_pass` (the class, or one instance): t
 `topk_encode` with `scale=` the decoder row norms when `rescale_acts_by_decoder_norm` (SAELens'
 default: selection on s_i * z_i), the decoder `sparse_decode` of the codes divided by the same
 norms. `process_sae_in`, the hooks' identity defaults, the MSE and the `TrainStepOutput` are the
-host's. `TrainStepOutput.hidden_pre` is None in both modes: SAELens' trainer does not read it, and
+host's. The fused ops run in the parameters' dtype, also under the trainer's bf16 autocast
+(`cfg.autocast`): there SAELens adds its fp32 bias to the bf16 matmul and selects in fp32, so its
+activations are closer to fp32 than bf16 kernels' would be (tests/test_integrations.py compares
+both against float64). `TrainStepOutput.hidden_pre` is None in both modes: SAELens' trainer does not read it, and
 it is the N x M tensor the fused encoder never forms.
 
 Modes (`mode=`):

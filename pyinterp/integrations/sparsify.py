@@ -39,7 +39,7 @@ import types
 import torch
 from torch import Tensor
 
-from pyinterp.integrations._patching import ClassPatches, Patches, check_mode, checked_host
+from pyinterp.integrations._patching import ClassPatches, Patches, check_mode, checked_host, compute_dtype
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
 
@@ -62,15 +62,9 @@ def _host():
     return checked_host("sparsify.sparse_coder", DISTRIBUTION, SUPPORTED, _SIGNATURES)[0]
 
 
-def _compute_dtype(reference: Tensor) -> torch.dtype:
-    """The dtype sparsify's own matmuls would run in (autocast's, when it is on)."""
-    device_type = reference.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else reference.dtype
-
-
 def _encode(x: Tensor, weight: Tensor, bias: Tensor, k: int, b_dec: Tensor | None, **aux):
     """topk_encode in the host's compute dtype."""
-    dtype = _compute_dtype(weight)
+    dtype = compute_dtype(weight)
     x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     b_dec = None if b_dec is None else b_dec.to(dtype)
     return topk_encode(x, weight, bias, k, b_dec=b_dec, **aux)
@@ -97,7 +91,7 @@ def _make_methods(host, mode: str):
         pre_acts = None
         if not fused:  # the host's EncoderOutput carries them; its backward ignores their gradient
             with torch.no_grad():
-                dtype = _compute_dtype(weight)
+                dtype = compute_dtype(weight)
                 pre_acts = torch.relu(torch.nn.functional.linear(input.to(dtype), weight.to(dtype),
                                                                  bias.to(dtype)))
         return host.EncoderOutput(top_acts, top_indices.long(), pre_acts)
