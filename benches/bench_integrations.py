@@ -10,7 +10,8 @@ more step over what was resident before it (params, optimizer state, the batch),
 resident state over the process after its imports. On CPU the process runs with glibc's mmap threshold
 at 1 MiB (MALLOC_MMAP_THRESHOLD_), so every block of 1 MiB or more comes from the kernel and goes back
 when freed, and the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) sees
-each step's tensors; on CUDA it is the allocator's peak."""
+each step's tensors (docs/sae_family.md, "Host SAEs as pyinterp modules"); on CUDA it is the
+allocator's peak."""
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
-"""Host SAEs to pyinterp.nn modules and back: the checks every host's converter shares."""
+"""Host SAEs to pyinterp.nn modules and back: the checks every host's converter shares (why each
+conversion is exact or refused: docs/sae_family.md, "Host SAEs as pyinterp modules")."""
 from __future__ import annotations
 
 import torch

@@ -122,6 +122,7 @@ def _make_methods(host, mode: str):
         scale = min(num_dead / (y.shape[-1] // 2), 1.0) if num_dead else 0.0
         k = self.cfg.k
         # fused multi-TopK: one pass of the 4k best, whose first k (descending) are the top-k
+        # (docs/sae_family.md, "Host SAEs as pyinterp modules")
         k_pass = 4 * k if fused and self.cfg.multi_topk else k
         if fused and k_aux > 0:
             top_acts, top_indices, aux_acts, aux_indices = _encode(x, weight, bias, k_pass, b_dec_in,
