@@ -728,6 +728,8 @@ def test_saelens_jumprelu_saved_loads_into_pyinterp_and_back(saelens, tmp_path, 
             assert isinstance(sae, JumpReLUSAE) and sae.max_active == 96
             assert_same_sae(sae, loaded, x)
         assert sae.bandwidth == 0.01  # the training SAE's
+        sae.save(tmp_path / "pyinterp")
+        assert_same_sae(JumpReLUSAE.load(tmp_path / "pyinterp", backend="cpu").eval(), loaded, x)
         back = integration.from_pyinterp(sae)
         back.save_model(tmp_path / "back")
         assert_same_sae(sae, SAE.load_from_disk(tmp_path / "back", dtype="float64"), x)
