@@ -45,7 +45,8 @@ def device_slug(device: str) -> str:
     return "cpu-" + platform.machine()
 
 
-def _rss_bytes(key: str) -> int:
+def rss_bytes(key: str) -> int:
+    """VmRSS (resident now) or VmHWM (high-water mark since the last reset) of this process, in bytes."""
     match = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
     return int(match.group(1)) * 1024
 
@@ -63,7 +64,7 @@ def timed_peak(fn, device: str):
         # is not silently reused from the heap, unseen by the high-water mark; timing runs never see this.
         _set_mmap_threshold(1 << 20)
         Path("/proc/self/clear_refs").write_text("5")
-        before = _rss_bytes("VmRSS")
+        before = rss_bytes("VmRSS")
     start = time.perf_counter()
     try:
         result = fn()
@@ -73,7 +74,7 @@ def timed_peak(fn, device: str):
     finally:
         if device != "cuda":
             _set_mmap_threshold(_STEADY_MMAP_THRESHOLD)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_bytes("VmHWM")
     return result, seconds, max(peak - before, 0)
 
 

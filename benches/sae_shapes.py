@@ -143,13 +143,16 @@ def direction_step(direction: str, run, params: list[torch.Tensor], grad_output:
     return step
 
 
-def measure_and_record(case: SaeCase, steps: dict, record, progress, *, work: float, unit: str) -> dict:
+def measure_and_record(case: SaeCase, steps: dict, record, progress, *, work: float, unit: str,
+                       extra: dict[str, dict] | None = None) -> dict:
     """Times the providers' steps in interleaved rounds (harness.measure_case) and records a row per
     provider with throughput = work / median time in `unit` (TFLOP/s: work in FLOPs; GB/s: bytes;
-    tok/s: tokens). Returns the measurements."""
+    tok/s: tokens), updated by extra[provider] where given (e.g. peaks measured elsewhere). Returns
+    the measurements."""
     measured = harness.measure_case(steps, case.device, label=case.label, progress=progress, **case.rounds)
     for provider, stats in measured.items():
-        record(harness.measured_row({**case.row, "provider": provider}, stats, work=work, unit=unit))
+        row = harness.measured_row({**case.row, "provider": provider}, stats, work=work, unit=unit)
+        record({**row, **(extra or {}).get(provider, {})})
     return measured
 
 

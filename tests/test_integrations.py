@@ -241,12 +241,56 @@ def test_sparsify_refuses_other_versions_and_signatures(sparsify, monkeypatch):
                    r"sparsify\.sparse_coder\.fused_encoder of eai-sparsify 1\.3")
 
 
+def sparsify_full_step(coder, x, y, dead_mask):
+    """The loss sparsify's Trainer backpropagates, with its Multi-TopK term."""
+    for p in coder.parameters():
+        p.grad = None
+    out = coder(x, y, dead_mask=dead_mask)
+    (out.fvu + out.auxk_loss + out.multi_topk_fvu / 8).backward()
+    return out, grads(coder)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+@pytest.mark.parametrize("config", [{"multi_topk": True}, {"skip_connection": True}, {"transcode": True},
+                                    {"multi_topk": True, "skip_connection": True}])
+def test_sparsify_config_options_match_host(sparsify, mode, config):
+    """multi_topk (its 4k loss and the 4k codes it returns), skip_connection, transcode: the patched
+    forward against the host's; fused's Multi-TopK gradient also reaches the encoder."""
+    host, integration = sparsify
+    coder = make_coder(host, **config)
+    with torch.no_grad():
+        if coder.W_skip is not None:
+            coder.W_skip.normal_(0, 0.1)
+        if config.get("transcode"):  # sparsify starts a transcoder's decoder at zero
+            coder.W_dec.normal_(0, 0.3)
+    x = torch.randn(23, 16, dtype=torch.float64) + 0.5
+    y = torch.randn(23, 16, dtype=torch.float64) if config.get("transcode") else None
+    dead_mask = torch.arange(96) % 4 == 0
+    expected, expected_grads = sparsify_full_step(coder, x, y, dead_mask)
+    with integration.apply(mode):
+        actual, actual_grads = sparsify_full_step(coder, x, y, dead_mask)
+    k = 4 * 5 if config.get("multi_topk") else 5
+    assert actual.latent_indices.shape == (23, k) and actual.latent_indices.dtype == torch.int64
+    torch.testing.assert_close(sorted_codes(actual.latent_acts, actual.latent_indices),
+                               sorted_codes(expected.latent_acts, expected.latent_indices))
+    for name in ("sae_out", "fvu", "auxk_loss", "multi_topk_fvu"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), msg=lambda m: f"{name}: {m}")
+    assert (float(actual.multi_topk_fvu.detach()) > 0) == bool(config.get("multi_topk"))
+    encoder = ("encoder.weight", "encoder.bias", "b_dec")
+    assert_grads_close(actual_grads, expected_grads, skip=encoder if mode == "fused" else ())
+    if mode == "fused":  # AuxK's and Multi-TopK's gradient reach the encoder
+        assert not torch.allclose(actual_grads["encoder.weight"], expected_grads["encoder.weight"])
+
+
 def test_sparsify_unsupported_config_raises(sparsify):
     host, integration = sparsify
-    coder = make_coder(host, multi_topk=True)
+    coder = make_coder(host)
+    coder.cfg.activation = "groupmax"
     with integration.apply():
-        with pytest.raises(NotImplementedError, match="multi_topk"):
+        with pytest.raises(NotImplementedError, match="activation='groupmax'"):
             coder(torch.randn(4, 16, dtype=torch.float64))
+    with pytest.raises(NotImplementedError, match="activation='groupmax'"):
+        integration.apply(sae=coder)
 
 
 def test_sparsify_save_load_through_pyinterp(sparsify, tmp_path):
@@ -595,19 +639,143 @@ def test_saelens_topk_saved_loads_into_pyinterp_and_back(saelens, tmp_path, resc
         torch.testing.assert_close(SAE.load_from_disk(tmp_path / "back", dtype="float64")(x), expected_out)
 
 
-def test_saelens_conversion_refuses_other_architectures(saelens):
+def dense_codes(values, indices, latents):
+    """(N, latents) from sparse codes; added, as threshold_encode's unused slots are (index 0, value 0)."""
+    return torch.zeros(*values.shape[:-1], latents, dtype=values.dtype).scatter_add(-1, indices.long(), values)
+
+
+def assert_same_sae(sae, host_sae, x):
+    """pyinterp SAE `sae` has the activations and reconstruction of SAELens' `host_sae` on x."""
+    values, indices = sae.encode(x)
+    torch.testing.assert_close(dense_codes(values, indices, sae.n_latents), host_sae.encode(x))
+    torch.testing.assert_close(sae(x).x_hat, host_sae(x))
+
+
+def make_saelens_batchtopk(rescale, apply_b_dec_to_input, k=5):
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+        d_in=16, d_sae=96, k=k, dtype="float64", device="cpu", rescale_acts_by_decoder_norm=rescale,
+        apply_b_dec_to_input=apply_b_dec_to_input))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.W_dec.mul_(torch.rand(96, 1, dtype=torch.float64) + 0.5)
+    sae.topk_threshold = torch.tensor(0.2, dtype=torch.float64)
+    return sae
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_saelens_batchtopk_loads_into_pyinterp_and_back(saelens, tmp_path, rescale, apply_b_dec_to_input):
+    """A BatchTopKTrainingSAE: its training (batch top-k) activations in pyinterp's training mode;
+    the JumpReLU SAELens saves it as, in pyinterp's eval mode; back to SAELens as that JumpReLU."""
+    from sae_lens import SAE
+
+    from pyinterp.nn import BatchTopKSAE, JumpReLUSAE
+
+    integration = saelens[1]
+    trained = make_saelens_batchtopk(rescale, apply_b_dec_to_input)
+    x = torch.randn(13, 16, dtype=torch.float64) + 0.5
+    sae = integration.to_pyinterp(trained, backend="cpu")
+    assert isinstance(sae, BatchTopKSAE) and sae.k == 5 and float(sae.threshold) == pytest.approx(0.2)
+    with torch.no_grad():
+        training_acts = trained.encode(x)
+        assert 0 < int((training_acts > 0).sum()) <= 5 * 13
+        values, indices = sae.train().encode(x)
+        torch.testing.assert_close(dense_codes(values, indices, 96), training_acts)
+        trained.save_inference_model(tmp_path / "host")
+        loaded = SAE.load_from_disk(tmp_path / "host", dtype="float64")
+        assert loaded.cfg.architecture() == "jumprelu"
+        sae = integration.to_pyinterp(trained, backend="cpu").eval()
+        assert_same_sae(sae, loaded, x)
+        back = integration.from_pyinterp(sae)
+        back.save_model(tmp_path / "back")
+        assert_same_sae(sae, SAE.load_from_disk(tmp_path / "back", dtype="float64"), x)
+        assert isinstance(integration.to_pyinterp(loaded, backend="cpu"), JumpReLUSAE)
+
+
+def make_saelens_jumprelu(apply_b_dec_to_input=True):
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=16, d_sae=96, dtype="float64", device="cpu",
+                                                        apply_b_dec_to_input=apply_b_dec_to_input,
+                                                        jumprelu_bandwidth=0.01))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.threshold.copy_(torch.rand(96) * 0.5)
+    return sae
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_saelens_jumprelu_saved_loads_into_pyinterp_and_back(saelens, tmp_path, apply_b_dec_to_input):
+    from sae_lens import SAE
+
+    from pyinterp.nn import JumpReLUSAE
+
+    integration = saelens[1]
+    trained = make_saelens_jumprelu(apply_b_dec_to_input)
+    x = torch.randn(13, 16, dtype=torch.float64) + 0.5
+    trained.save_inference_model(tmp_path / "host")
+    loaded = SAE.load_from_disk(tmp_path / "host", dtype="float64")
+    with torch.no_grad():
+        assert 0 < int((loaded.encode(x) > 0).sum()) < 13 * 96  # the thresholds cut some latents
+        for source in (loaded, trained):
+            sae = integration.to_pyinterp(source, backend="cpu").eval()
+            assert isinstance(sae, JumpReLUSAE) and sae.max_active == 96
+            assert_same_sae(sae, loaded, x)
+        assert sae.bandwidth == 0.01  # the training SAE's
+        sae.save(tmp_path / "pyinterp")
+        assert_same_sae(JumpReLUSAE.load(tmp_path / "pyinterp", backend="cpu").eval(), loaded, x)
+        back = integration.from_pyinterp(sae)
+        back.save_model(tmp_path / "back")
+        assert_same_sae(sae, SAE.load_from_disk(tmp_path / "back", dtype="float64"), x)
+
+
+def test_saelens_conversion_refuses_what_would_change_activations(saelens):
     host, integration, _ = saelens
-    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
-    from pyinterp.nn import BatchTopKSAE
+    from pyinterp.nn import BatchTopKSAE, JumpReLUSAE
 
-    jumprelu = JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=96, device="cpu"))
-    with pytest.raises(ValueError, match="jumprelu"):
-        integration.to_pyinterp(jumprelu)
+    with pytest.raises(ValueError, match="'standard'"):
+        integration.to_pyinterp(StandardSAE(StandardSAEConfig(d_in=16, d_sae=96, device="cpu")))
     with pytest.raises(ValueError, match="normalize_activations"):
         integration.to_pyinterp(make_saelens(host, normalize_activations="expected_average_only_in"))
-    with pytest.raises(ValueError, match="BatchTopKSAE"):
+    jumprelu = make_saelens_jumprelu()
+    with torch.no_grad():
+        jumprelu.threshold[3] = -0.1
+    with pytest.raises(ValueError, match="1 latents have a negative threshold"):
+        integration.to_pyinterp(jumprelu)
+    del jumprelu.threshold
+    with pytest.raises(ValueError, match="no threshold"):
+        integration.to_pyinterp(jumprelu)
+    batchtopk = make_saelens_batchtopk(True, True, k=2.5)
+    with pytest.raises(ValueError, match=r"k=2\.5 is not a positive integer"):
+        integration.to_pyinterp(batchtopk)
+    batchtopk = make_saelens_batchtopk(True, True)
+    batchtopk.topk_threshold = torch.tensor(0.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="topk_threshold is 0.0"):
+        integration.to_pyinterp(batchtopk)
+    with pytest.raises(ValueError, match="max_k_per_row=16"):
         integration.from_pyinterp(BatchTopKSAE(16, 96, 4))
+    with pytest.raises(ValueError, match="max_active=8"):
+        integration.from_pyinterp(JumpReLUSAE(16, 96, 8))
+
+
+def test_saelens_apply_refuses_batchtopk(saelens):
+    """BatchTopKTrainingSAE subclasses TopKTrainingSAE and calls its forward: the patched per-token
+    top-k would silently replace its batch top-k."""
+    host, integration, TrainStepInput = saelens
+    sae = make_saelens_batchtopk(True, True)
+    with pytest.raises(NotImplementedError, match="'batchtopk'"):
+        integration.apply(sae=sae)
+    with integration.apply():
+        with pytest.raises(NotImplementedError, match="'batchtopk'"):
+            saelens_step(sae, TrainStepInput, torch.randn(4, 16, dtype=torch.float64), None)
 
 
 def test_dictionary_learning_saved_dictionaries_load_into_pyinterp_and_back(dictionary_learning, tmp_path):
@@ -630,8 +798,12 @@ def test_dictionary_learning_saved_dictionaries_load_into_pyinterp_and_back(dict
             expected = loaded(x)
             sae = integration.to_pyinterp(loaded, backend="cpu")
             assert module is None or isinstance(sae, module)
+            torch.testing.assert_close(dense_codes(*sae.encode(x), 96), loaded.encode(x))
             torch.testing.assert_close(sae(x).x_hat, expected)
             torch.testing.assert_close(integration.from_pyinterp(sae)(x), expected)
+            if module is BatchTopKSAE:  # training mode: the batch's k * N largest, as the host's
+                torch.testing.assert_close(dense_codes(*sae.train().encode(x), 96),
+                                           loaded.encode(x, use_threshold=False))
     batch.threshold.fill_(-1)  # never set by training
     with pytest.raises(ValueError, match="threshold"):
         integration.to_pyinterp(batch)
@@ -642,3 +814,91 @@ def test_dictionary_learning_saved_dictionaries_load_into_pyinterp_and_back(dict
         from pyinterp.nn import TopKSAE
         build_pyinterp_sae("test", TopKSAE, torch.zeros(96, 16), torch.zeros(96), torch.zeros(96, 15),
                            torch.zeros(16), 4)
+
+
+# ---------------------------------------------------------------- bf16 weights and autocast
+# FlashAttention-style: the patched and the unpatched host each against a float64 run of the same
+# (rounded) weights and batch; pyinterp's error may be at most LOW_PRECISION_FACTOR x the host's
+# own, plus one bf16 rounding step (2^-8) for outputs the host happens to get almost exact.
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION = [("bf16", torch.bfloat16, False), ("autocast", torch.float32, True)]
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((actual.double() - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def assert_low_precision_close(module, x, run, integration, mode, autocast, **apply_kwargs) -> None:
+    """run(module, x) -> {name: tensor}: patched and unpatched under autocast (when asked) against
+    run on a float64 copy of module and x."""
+    import copy
+
+    reference = run(copy.deepcopy(module).double(), x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        host = run(module, x)
+        with integration.apply(mode, **apply_kwargs):
+            ours = run(module, x)
+    assert ours.keys() == host.keys() == reference.keys()
+    for name in reference:
+        ours_error, host_error = relative_error(ours[name], reference[name]), relative_error(host[name], reference[name])
+        print(f"{name}: pyinterp {ours_error:.2e} host {host_error:.2e}")
+        assert ours_error <= LOW_PRECISION_FACTOR * host_error + 2**-8, (name, ours_error, host_error)
+
+
+def outputs_and_grads(module, out: torch.Tensor | None, loss: torch.Tensor) -> dict:
+    loss.backward()
+    result = {"loss": loss.detach().reshape(1)} | ({} if out is None else {"out": out.detach()})
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            result[f"grad {name}"] = p.grad.clone()
+            p.grad = None
+    return result
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+@pytest.mark.parametrize("name,dtype,autocast", LOW_PRECISION)
+def test_sparsify_low_precision_matches_host(sparsify, mode, name, dtype, autocast):
+    host, integration = sparsify
+    coder = make_coder(host, 32, 128, 8, dtype=dtype)
+    x = (torch.randn(48, 32) + 0.5).to(dtype)
+    dead_mask = torch.arange(128) % 3 == 0 if mode == "faithful" else None  # fused: the host's AuxK differs
+
+    def run(module, inputs):
+        out = module(inputs, dead_mask=dead_mask)
+        return outputs_and_grads(module, out.sae_out, out.fvu + out.auxk_loss)
+
+    assert_low_precision_close(coder, x, run, integration, mode, autocast, sae=coder)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+@pytest.mark.parametrize("name,dtype,autocast", LOW_PRECISION)
+def test_saelens_low_precision_matches_host(saelens, mode, name, dtype, autocast):
+    host, integration, TrainStepInput = saelens
+    sae = make_saelens(host, 32, 128, 8, dtype=str(dtype).removeprefix("torch."))
+    x = (torch.randn(48, 32) + 0.5).to(dtype)
+    dead_mask = torch.arange(128) % 3 == 0 if mode == "faithful" else None
+
+    def run(module, inputs):
+        out = module.training_forward_pass(TrainStepInput(sae_in=inputs, coefficients={}, dead_neuron_mask=dead_mask,
+                                                          n_training_steps=0, is_logging_step=False))
+        return outputs_and_grads(module, out.sae_out, out.loss)
+
+    assert_low_precision_close(sae, x, run, integration, mode, autocast, sae=sae)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fused"])
+def test_dictionary_learning_bf16_matches_host(dictionary_learning, mode):
+    """dictionary_learning autocasts on GPUs only; on CPU its bf16 path is a bf16 dictionary."""
+    host, integration = dictionary_learning
+    trainer = make_trainer(host, 32, 128, 8, dead_after=50 if mode == "faithful" else 10**9)
+    trainer.ae.to(torch.bfloat16)
+    trainer.num_tokens_since_fired.copy_(torch.where(torch.arange(128) % 3 == 0, 100, 0))
+    x = (torch.randn(48, 32) + 0.5).to(torch.bfloat16)
+    counts = trainer.num_tokens_since_fired.clone()
+
+    def run(ae, inputs):
+        trainer.ae = ae
+        trainer.num_tokens_since_fired.copy_(counts)
+        return outputs_and_grads(ae, None, trainer.loss(inputs, step=1))  # TopKTrainer.loss is what is patched
+
+    assert_low_precision_close(trainer.ae, x, run, integration, mode, False, trainer=trainer)

@@ -132,3 +132,39 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     x = _batch()
     torch.testing.assert_close(loaded.eval().encode(x), sae.eval().encode(x), rtol=0, atol=0)
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    import json
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from pyinterp.nn import TopKSAE
+
+    x = _batch()
+    sae = _sae("auto", seed=3)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.rand(40, dtype=torch.float64) * 0.3)
+        sae.b_enc.normal_(0, 0.1)
+    sae.save(tmp_path / "sae")
+    loaded = JumpReLUSAE.load(tmp_path / "sae", backend="cpu")
+    assert (loaded.max_active, loaded.bandwidth, loaded.l0_coefficient, loaded.seed) == (40, 0.2, 0.05, 3)
+    torch.testing.assert_close(loaded.threshold, sae.threshold)
+    torch.testing.assert_close(loaded.eval()(x).x_hat, sae.eval()(x).x_hat, rtol=0, atol=0)
+    assert isinstance(TopKSAE.load(tmp_path / "sae", backend="cpu"), JumpReLUSAE)
+    TopKSAE(12, 40, 4).save(tmp_path / "topk")
+    with pytest.raises(ValueError, match="not a JumpReLU SAE"):
+        JumpReLUSAE.load(tmp_path / "topk")
+    tensors = load_file(tmp_path / "sae" / "sae.safetensors")
+    save_file({**tensors, "threshold": tensors["threshold"][:39]}, tmp_path / "sae" / "sae.safetensors")
+    with pytest.raises(ValueError, match=r"threshold has shape \(39,\), expected \(40,\)"):
+        JumpReLUSAE.load(tmp_path / "sae")
+    del tensors["threshold"]
+    save_file(tensors, tmp_path / "sae" / "sae.safetensors")
+    with pytest.raises(ValueError, match="missing tensor 'threshold'"):
+        JumpReLUSAE.load(tmp_path / "sae")
+    config = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**config, "k": "many"}))
+    with pytest.raises(ValueError, match="integer 'k'"):
+        JumpReLUSAE.load(tmp_path / "sae")

@@ -7,6 +7,7 @@ import inspect
 import types
 from typing import Any, Callable
 
+import torch
 from packaging.version import Version
 
 
@@ -151,3 +152,10 @@ def checked_host(module_name: str, distribution: str, supported: tuple[str, str]
     module = importlib.import_module(module_name)
     check_functions(module, signatures, distribution, version)
     return module, version
+
+
+def compute_dtype(reference: torch.Tensor) -> torch.dtype:
+    """The dtype a host's own matmuls on `reference` would run in: autocast's when it is on (the
+    custom ops are not autocast-aware, so the integrations cast for them)."""
+    device_type = reference.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else reference.dtype

@@ -149,9 +149,13 @@ def apply(mode: str = "faithful", *, trainer=None) -> Patches:
 
 # ---- dictionaries to pyinterp.nn modules and back ----
 def to_pyinterp(ae, *, backend: str = "auto"):
-    """An AutoEncoderTopK as pyinterp.nn.TopKSAE, a BatchTopKSAE as pyinterp.nn.BatchTopKSAE with the
-    same activations in eval mode (threshold on every latent: max_k_per_row = n_latents). Load a
-    saved dictionary with the host's own `AutoEncoderTopK.from_pretrained(path)` first."""
+    """An AutoEncoderTopK as pyinterp.nn.TopKSAE, a BatchTopKSAE as pyinterp.nn.BatchTopKSAE
+    (returned in eval mode) with the same activations: the host's BatchTopKSAE.forward/encode use
+    the threshold (relu(z) * 1[relu(z) > threshold], every latent), pyinterp's eval mode the same with
+    max_k_per_row = n_latents; in training mode both keep the batch's k * N largest. Load a saved
+    dictionary with the host's own `AutoEncoderTopK.from_pretrained(path)` /
+    `BatchTopKSAE.from_pretrained(path)` first. Refused: a BatchTopKSAE whose threshold was never set
+    (the host's -1 keeps every positive latent), other dictionary classes."""
     import dictionary_learning.trainers.batch_top_k as batch_host
     import dictionary_learning.trainers.top_k as host
     from pyinterp.integrations._convert import build_pyinterp_sae
@@ -160,13 +164,12 @@ def to_pyinterp(ae, *, backend: str = "auto"):
     where = "pyinterp.integrations.dictionary_learning.to_pyinterp"
     tensors = (ae.encoder.weight, ae.encoder.bias, ae.decoder.weight.mT, ae.b_dec, int(ae.k))
     if isinstance(ae, batch_host.BatchTopKSAE):
-        threshold = float(ae.threshold)
-        if not threshold >= 0:
-            raise ValueError(f"{where}: the BatchTopKSAE's threshold is {threshold} (never set by training); "
-                             "its eval activations would keep every positive latent")
-        sae = build_pyinterp_sae(where, BatchTopKSAE, *tensors, backend=backend, max_k_per_row=ae.dict_size)
-        sae.threshold.fill_(threshold)
-        return sae.eval()
+        threshold = ae.threshold.detach().to(torch.float32)
+        if not float(threshold) >= 0:
+            raise ValueError(f"{where}: the BatchTopKSAE's threshold is {float(threshold)} (never set by training: "
+                             "the host's -1); its eval activations would keep every positive latent")
+        return build_pyinterp_sae(where, BatchTopKSAE, *tensors, threshold=threshold, backend=backend,
+                                  max_k_per_row=ae.dict_size).eval()
     if isinstance(ae, host.AutoEncoderTopK):
         return build_pyinterp_sae(where, TopKSAE, *tensors, backend=backend)
     raise ValueError(f"{where}: only AutoEncoderTopK and BatchTopKSAE convert, got {type(ae).__name__}")

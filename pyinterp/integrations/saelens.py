@@ -9,7 +9,10 @@ Patched: `TopKTrainingSAE.training_forward_pass` (the class, or one instance): t
 `topk_encode` with `scale=` the decoder row norms when `rescale_acts_by_decoder_norm` (SAELens'
 default: selection on s_i * z_i), the decoder `sparse_decode` of the codes divided by the same
 norms. `process_sae_in`, the hooks' identity defaults, the MSE and the `TrainStepOutput` are the
-host's. `TrainStepOutput.hidden_pre` is None in both modes: SAELens' trainer does not read it, and
+host's. The fused ops run in the parameters' dtype, also under the trainer's bf16 autocast
+(`cfg.autocast`): there SAELens adds its fp32 bias to the bf16 matmul and selects in fp32, so its
+activations are closer to fp32 than bf16 kernels' would be (tests/test_integrations.py compares
+both against float64). `TrainStepOutput.hidden_pre` is None in both modes: SAELens' trainer does not read it, and
 it is the N x M tensor the fused encoder never forms.
 
 Modes (`mode=`):
@@ -23,8 +26,13 @@ Modes (`mode=`):
   post-ReLU values (a dead latent with a negative pre-activation contributes zero, where the host
   lets it fit the residual with its negative value).
 
-Not supported (raises): hooks on `hook_sae_acts_pre` / `hook_sae_acts_post`, activation
-normalisation other than "none", `reshape_activations` other than "none"."""
+Not supported (raises): architectures other than "topk" (BatchTopKTrainingSAE and the Matryoshka
+SAE subclass TopKTrainingSAE and call its forward, which would silently select k per token), hooks
+on `hook_sae_acts_pre` / `hook_sae_acts_post`, activation normalisation other than "none",
+`reshape_activations` other than "none".
+
+`to_pyinterp` / `from_pyinterp` convert TopK, BatchTopK and JumpReLU SAEs to pyinterp.nn modules
+and back (see their docstrings for what they refuse)."""
 from __future__ import annotations
 
 
@@ -59,6 +67,11 @@ def _host():
 
 def _unsupported(sae) -> None:
     cfg = sae.cfg
+    if cfg.architecture() != "topk":
+        # BatchTopKTrainingSAE (and Matryoshka) subclass TopKTrainingSAE and call its forward
+        raise NotImplementedError(f"pyinterp.integrations.saelens: architecture {cfg.architecture()!r} "
+                                  f"({type(sae).__name__}) is not supported (only 'topk': the patched forward "
+                                  "selects k per token); revert() to use SAELens' own forward")
     if cfg.normalize_activations != "none" or getattr(cfg, "reshape_activations", "none") != "none":
         raise NotImplementedError(f"pyinterp.integrations.saelens: normalize_activations="
                                   f"{cfg.normalize_activations!r} / reshape_activations="
@@ -150,54 +163,101 @@ def apply(mode: str = "faithful", *, sae=None) -> Patches:
 
 
 # ---- SAELens SAEs to pyinterp.nn modules and back ----
+_CONVERTIBLE = ("topk", "batchtopk", "jumprelu")
+
+
 def to_pyinterp(sae, *, backend: str = "auto"):
-    """A SAELens TopK SAE (inference TopKSAE or TopKTrainingSAE; load a saved one with SAELens'
-    own `SAE.load_from_disk(path)`) as pyinterp.nn.TopKSAE with the same activations and
-    reconstruction: the decoder-norm rescaling is folded in (W_enc, b_enc times ||W_dec row||,
-    W_dec rows divided by it) as SAELens' own fold does, and apply_b_dec_to_input=False folds into
-    b_enc. Refused: JumpReLU and other architectures (pyinterp has no module with per-latent
-    thresholds), activation normalisation, reshaped (hook_z) activations."""
-    from pyinterp.integrations._convert import build_pyinterp_sae
-    from pyinterp.nn.sae import TopKSAE
+    """A SAELens SAE as the pyinterp.nn module with the same activations and reconstruction (load a
+    saved one with SAELens' own `SAE.load_from_disk(path)`):
+    - TopK (inference TopKSAE or TopKTrainingSAE) -> TopKSAE;
+    - BatchTopKTrainingSAE -> BatchTopKSAE(max_k_per_row=d_sae, threshold=topk_threshold): its
+      training-mode activations are SAELens' batch top-k, its eval ones the JumpReLU SAELens saves
+      the BatchTopK SAE as (SAELens saves a BatchTopK SAE as a JumpReLU one);
+    - JumpReLU (JumpReLUSAE or JumpReLUTrainingSAE) -> JumpReLUSAE(max_active=d_sae), the
+      threshold per latent (and the training SAE's bandwidth).
+    The decoder-norm rescaling is folded in (W_enc, b_enc times ||W_dec row||, W_dec rows divided by
+    it) as SAELens' own fold does, and apply_b_dec_to_input=False folds into b_enc. Refused, naming
+    what differs: other architectures, activation normalisation, reshaped (hook_z) activations, a
+    BatchTopK k that is not an integer or whose threshold was never set, a JumpReLU without a
+    threshold or with a negative one (SAELens' relu(z) * 1[z > theta] is pyinterp's z * 1[z > theta]
+    only for theta >= 0)."""
+    from pyinterp.integrations._convert import build_pyinterp_sae, check_nonnegative_threshold, integer_k
+    from pyinterp.nn.jumprelu import JumpReLUSAE
+    from pyinterp.nn.sae import BatchTopKSAE, TopKSAE
 
     where = "pyinterp.integrations.saelens.to_pyinterp"
     cfg = sae.cfg
     architecture = cfg.architecture()
-    if architecture != "topk":
+    if architecture not in _CONVERTIBLE:
         raise ValueError(f"{where}: architecture {architecture!r} has no pyinterp module with the same "
-                         "activations (only 'topk' converts; JumpReLU's per-latent thresholds would be lost)")
+                         f"activations (converted: {', '.join(_CONVERTIBLE)})")
     if cfg.normalize_activations != "none" or getattr(cfg, "reshape_activations", "none") != "none":
         raise ValueError(f"{where}: normalize_activations={cfg.normalize_activations!r} / reshape_activations="
                          f"{getattr(cfg, 'reshape_activations', 'none')!r} change the input; only 'none' converts")
     with torch.no_grad():
         W_enc, b_enc, W_dec, b_dec = sae.W_enc.mT, sae.b_enc, sae.W_dec, sae.b_dec
-        if cfg.rescale_acts_by_decoder_norm:
+        if getattr(cfg, "rescale_acts_by_decoder_norm", False):
+            # the activations (and a BatchTopK threshold) are in units of z * ||W_dec row||
             norms = W_dec.norm(dim=-1)
             W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
         if not cfg.apply_b_dec_to_input:  # z = W x + b = W (x - b_dec) + (b + W b_dec)
             b_enc = b_enc + W_enc @ b_dec
-        return build_pyinterp_sae(where, TopKSAE, W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec, cfg.k,
-                                  backend=backend)
+        tensors = (W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec)
+        if architecture == "topk":
+            return build_pyinterp_sae(where, TopKSAE, *tensors, cfg.k, backend=backend)
+        if architecture == "batchtopk":
+            k = integer_k(where, cfg.k)
+            threshold = sae.topk_threshold.to(torch.float32)
+            if not float(threshold) > 0:
+                raise ValueError(f"{where}: topk_threshold is {float(threshold)} (never updated by training); its eval "
+                                 "activations would keep every positive latent")
+            return build_pyinterp_sae(where, BatchTopKSAE, *tensors, k, threshold=threshold, backend=backend,
+                                      max_k_per_row=cfg.d_sae)
+        threshold = getattr(sae, "threshold", None)
+        if threshold is None:
+            raise ValueError(f"{where}: this JumpReLU SAE has no threshold parameter")
+        check_nonnegative_threshold(where, threshold, "relu(z) * 1[z > threshold]")
+        kwargs = {"bandwidth": cfg.jumprelu_bandwidth} if hasattr(cfg, "jumprelu_bandwidth") else {}
+        return build_pyinterp_sae(where, JumpReLUSAE, *tensors, cfg.d_sae, threshold=threshold.to(W_enc.dtype),
+                                  backend=backend, **kwargs)
 
 
 def from_pyinterp(sae, *, device: str = "cpu"):
-    """A pyinterp.nn TopKSAE as SAELens' inference TopKSAE (then its `save_model(path)`). A
-    BatchTopKSAE is refused: its eval threshold is one scalar over max_k_per_row proposals, which no
-    SAELens architecture reproduces exactly."""
+    """A pyinterp.nn SAE as SAELens' inference SAE (then its `save_model(path)`): TopKSAE -> TopKSAE;
+    JumpReLUSAE -> JumpReLUSAE; BatchTopKSAE -> JumpReLUSAE with its scalar threshold on every
+    latent (its eval activations; SAELens saves its own BatchTopK SAEs so). Refused: a JumpReLUSAE
+    whose max_active, or a BatchTopKSAE whose max_k_per_row, caps a token's latents below n_latents
+    (SAELens keeps every latent above the threshold), and a negative threshold."""
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE as HostJumpReLUSAE
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
     from sae_lens.saes.topk_sae import TopKSAE as HostTopKSAE
     from sae_lens.saes.topk_sae import TopKSAEConfig
 
+    from pyinterp.integrations._convert import check_nonnegative_threshold
+    from pyinterp.nn.jumprelu import JumpReLUSAE
     from pyinterp.nn.sae import BatchTopKSAE
 
-    if isinstance(sae, BatchTopKSAE):
-        raise ValueError("pyinterp.integrations.saelens.from_pyinterp: a BatchTopKSAE's eval activations "
-                         "(scalar threshold over max_k_per_row proposals) have no SAELens equivalent")
-    host = HostTopKSAE(TopKSAEConfig(d_in=sae.d_model, d_sae=sae.n_latents, k=sae.k, device=device,
-                                     dtype=str(sae.W_enc.dtype).removeprefix("torch."),
-                                     apply_b_dec_to_input=True, rescale_acts_by_decoder_norm=False))
+    where = "pyinterp.integrations.saelens.from_pyinterp"
+    common = {"d_in": sae.d_model, "d_sae": sae.n_latents, "device": device,
+              "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "apply_b_dec_to_input": True}
+    threshold = None
+    if isinstance(sae, (JumpReLUSAE, BatchTopKSAE)):
+        cap_name, cap = (("max_active", sae.max_active) if isinstance(sae, JumpReLUSAE)
+                         else ("max_k_per_row", sae.max_k_per_row))
+        if cap != sae.n_latents:
+            raise ValueError(f"{where}: this {type(sae).__name__} keeps at most {cap_name}={cap} latents per token; "
+                             "SAELens' JumpReLU keeps every latent above the threshold, so the conversion would "
+                             "change activations")
+        threshold = sae.threshold.detach().to(sae.W_enc.dtype).expand(sae.n_latents)
+        check_nonnegative_threshold(where, threshold, "relu(z) * 1[z > threshold]")
+        host = HostJumpReLUSAE(JumpReLUSAEConfig(**common))
+    else:
+        host = HostTopKSAE(TopKSAEConfig(**common, k=sae.k, rescale_acts_by_decoder_norm=False))
     with torch.no_grad():
         host.W_enc.copy_(sae.W_enc.mT)
         host.b_enc.copy_(sae.b_enc)
         host.W_dec.copy_(sae.W_dec)
         host.b_dec.copy_(sae.b_dec)
+        if threshold is not None:
+            host.threshold.copy_(threshold)
     return host

@@ -18,12 +18,20 @@ Modes (`mode=`):
 - "fused": pyinterp's exact AuxK from the same encoder pass; its gradient reaches W_enc and b_enc,
   so the dead latents' encoder rows train too (changed host behaviour) and the second pass is gone.
 
+`multi_topk=True` (Multi-TopK, Gao et al.): `multi_topk_fvu` is the FVU of the 4k best latents'
+reconstruction, and `sae_out` / `latent_acts` / `latent_indices` are then the 4k ones, as the
+host returns them. faithful: a second, gradient-free `topk_encode` pass with 4k (the host's 4k
+codes come from its dense pre-activations, whose gradient its backward drops: the Multi-TopK loss
+trains the decoder only). fused: one pass with 4k whose first k are the top-k; the Multi-TopK
+gradient reaches the encoder too (changed host behaviour).
+
 In both modes a row with fewer than k positive pre-activations differs from the host in the zero
 activations only: the host sends gradient to whichever zero latents `torch.topk` picked, pyinterp
 stops it at the ReLU. `latent_acts` come in descending order (the host's are unordered).
 `encode()` returns the host's `EncoderOutput`; its dense `pre_acts` are computed without gradient
-in faithful mode (the host returns them) and are None in fused mode. Not supported (raises):
-`activation="groupmax"` and `multi_topk=True`."""
+in faithful mode (the host returns them) and are None in fused mode. `skip_connection` (W_skip)
+and `transcode` (no b_dec on the input, target y) are the host's. Not supported (raises):
+`activation="groupmax"`."""
 from __future__ import annotations
 
 import types
@@ -31,7 +39,7 @@ import types
 import torch
 from torch import Tensor
 
-from pyinterp.integrations._patching import ClassPatches, Patches, check_mode, checked_host
+from pyinterp.integrations._patching import ClassPatches, Patches, check_mode, checked_host, compute_dtype
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.topk_encode import topk_encode
 
@@ -54,15 +62,9 @@ def _host():
     return checked_host("sparsify.sparse_coder", DISTRIBUTION, SUPPORTED, _SIGNATURES)[0]
 
 
-def _compute_dtype(reference: Tensor) -> torch.dtype:
-    """The dtype sparsify's own matmuls would run in (autocast's, when it is on)."""
-    device_type = reference.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else reference.dtype
-
-
 def _encode(x: Tensor, weight: Tensor, bias: Tensor, k: int, b_dec: Tensor | None, **aux):
     """topk_encode in the host's compute dtype."""
-    dtype = _compute_dtype(weight)
+    dtype = compute_dtype(weight)
     x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     b_dec = None if b_dec is None else b_dec.to(dtype)
     return topk_encode(x, weight, bias, k, b_dec=b_dec, **aux)
@@ -76,9 +78,6 @@ def _unsupported(cfg) -> None:
     if cfg.activation != "topk":
         raise NotImplementedError(f"pyinterp.integrations.sparsify: activation={cfg.activation!r} is not "
                                   "supported (only 'topk'); revert() to use sparsify's own encoder")
-    if cfg.multi_topk:
-        raise NotImplementedError("pyinterp.integrations.sparsify: multi_topk=True is not supported; revert() "
-                                  "to use sparsify's own forward")
 
 
 def _make_methods(host, mode: str):
@@ -92,7 +91,7 @@ def _make_methods(host, mode: str):
         pre_acts = None
         if not fused:  # the host's EncoderOutput carries them; its backward ignores their gradient
             with torch.no_grad():
-                dtype = _compute_dtype(weight)
+                dtype = compute_dtype(weight)
                 pre_acts = torch.relu(torch.nn.functional.linear(input.to(dtype), weight.to(dtype),
                                                                  bias.to(dtype)))
         return host.EncoderOutput(top_acts, top_indices.long(), pre_acts)
@@ -121,16 +120,23 @@ def _make_methods(host, mode: str):
         # sparsify's AuxK sizes (Appendix B.1 of Gao et al.): k_aux = d_out / 2, scaled down when few are dead
         k_aux = min(y.shape[-1] // 2, num_dead)
         scale = min(num_dead / (y.shape[-1] // 2), 1.0) if num_dead else 0.0
+        k = self.cfg.k
+        # fused multi-TopK: one pass of the 4k best, whose first k (descending) are the top-k
+        # (docs/sae_family.md, "Host SAEs as pyinterp modules")
+        k_pass = 4 * k if fused and self.cfg.multi_topk else k
         if fused and k_aux > 0:
-            top_acts, top_indices, aux_acts, aux_indices = _encode(x, weight, bias, self.cfg.k, b_dec_in,
+            top_acts, top_indices, aux_acts, aux_indices = _encode(x, weight, bias, k_pass, b_dec_in,
                                                                    dead_mask=dead_mask, k_aux=k_aux)
         else:
-            top_acts, top_indices = _encode(x, weight, bias, self.cfg.k, b_dec_in)
+            top_acts, top_indices = _encode(x, weight, bias, k_pass, b_dec_in)
             if k_aux > 0:  # the host's AuxK activations carry no gradient into the encoder
                 with torch.no_grad():
                     aux_b_dec = None if b_dec_in is None else b_dec_in.detach()
                     _, _, aux_acts, aux_indices = _encode(x.detach(), weight.detach(), bias.detach(), 1,
                                                           aux_b_dec, dead_mask=dead_mask, k_aux=k_aux)
+        if k_pass != k:
+            multi_acts, multi_indices = top_acts, top_indices
+            top_acts, top_indices = top_acts[:, :k], top_indices[:, :k]
         sae_out = _decode(top_acts.to(self.dtype), top_indices, self.W_dec) + self.b_dec
         if self.W_skip is not None:
             sae_out = sae_out + x.to(self.dtype) @ self.W_skip.mT
@@ -144,7 +150,19 @@ def _make_methods(host, mode: str):
         else:
             auxk_loss = sae_out.new_tensor(0.0)
         fvu = e.pow(2).sum() / total_variance
-        return host.ForwardOutput(sae_out, top_acts, top_indices.long(), fvu, auxk_loss, sae_out.new_tensor(0.0))
+        multi_topk_fvu = sae_out.new_tensor(0.0)
+        if self.cfg.multi_topk:
+            # The host's Multi-TopK: the FVU of the 4k best latents' reconstruction (no skip term),
+            # which then replaces sae_out and the codes in ForwardOutput. Its 4k codes come from the
+            # encoder's dense output, whose gradient the host drops: only the decoder trains on it.
+            if not fused:
+                with torch.no_grad():
+                    multi_acts, multi_indices = _encode(x.detach(), weight.detach(), bias.detach(), 4 * k,
+                                                        None if b_dec_in is None else b_dec_in.detach())
+            sae_out = _decode(multi_acts.to(self.dtype), multi_indices, self.W_dec) + self.b_dec
+            multi_topk_fvu = (sae_out - y).pow(2).sum() / total_variance
+            top_acts, top_indices = multi_acts, multi_indices
+        return host.ForwardOutput(sae_out, top_acts, top_indices.long(), fvu, auxk_loss, multi_topk_fvu)
 
     return fused_encoder, decoder_impl, {"forward": forward, "encode": encode, "decode": decode}
 

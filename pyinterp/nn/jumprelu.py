@@ -3,6 +3,7 @@
 straight-through estimator with a rectangle kernel, and an L0 sparsity penalty."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from pyinterp import _validation
 from pyinterp._dtypes import accumulator_dtype
-from pyinterp.nn.sae import TopKSAE, total_variance
+from pyinterp.nn.sae import TopKSAE, read_sae_folder, total_variance
 from pyinterp.ops.threshold_encode import threshold_encode
 
 
@@ -36,7 +37,7 @@ class JumpReLUSAE(TopKSAE):
     threshold encode. Initialised as TopKSAE, with every threshold = init_threshold."""
 
     architecture = "jumprelu"
-    load_keys = ("seed", "bandwidth", "l0_coefficient")  # no AuxK; its own STE settings
+    load_keys = ("aux_alpha", "seed", "bandwidth", "l0_coefficient")  # no AuxK; its own STE settings
 
     def __init__(self, d_model: int, n_latents: int, max_active: int, *, bandwidth: float = 1e-3,
                  l0_coefficient: float = 1e-3, init_threshold: float = 1e-3, **kwargs):
@@ -94,3 +95,28 @@ class JumpReLUSAE(TopKSAE):
 
     def sparsify_config(self) -> dict:
         return {**super().sparsify_config(), "activation": "jumprelu"}
+
+    @classmethod
+    def load(cls, path: str | Path, *, backend: str = "auto",
+             device: torch.device | str | None = None) -> "JumpReLUSAE":
+        """The JumpReLU SAE that save() wrote into the folder `path` (cfg.json with
+        activation='jumprelu', sae.safetensors with a per-latent `threshold`), with TopKSAE.load's
+        checks plus the threshold's presence and shape."""
+        folder = read_sae_folder(path)
+        activation, architecture = folder.config.get("activation"), folder.own.get("architecture", cls.architecture)
+        if activation != "jumprelu" or architecture != cls.architecture:
+            raise ValueError(f"{folder.config_path}: not a JumpReLU SAE (activation={activation!r}, pyinterp "
+                             f"architecture={architecture!r}); load it with TopKSAE.load")
+        if folder.config.get("transcode") or folder.config.get("skip_connection"):
+            raise ValueError(f"{folder.config_path}: a JumpReLU transcoder or skip connection does not load "
+                             f"(transcode={folder.config.get('transcode')}, "
+                             f"skip_connection={folder.config.get('skip_connection')})")
+        threshold = folder.tensors.get("threshold")
+        n_latents = folder.shape[0]
+        if threshold is None:
+            raise ValueError(f"{folder.weights_path}: missing tensor 'threshold' (one per latent)")
+        if tuple(threshold.shape) != (n_latents,):
+            raise ValueError(f"{folder.weights_path}: threshold has shape {tuple(threshold.shape)}, expected "
+                             f"({n_latents},) (from encoder.weight)")
+        kwargs = {key: folder.own[key] for key in cls.load_keys if key in folder.own}
+        return folder.build(cls, backend, device, kwargs)

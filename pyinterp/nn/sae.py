@@ -261,61 +261,88 @@ class TopKSAE(nn.Module):
              device: torch.device | str | None = None) -> "TopKSAE":
         """An SAE saved by pyinterp or by EleutherAI sparsify (a folder with cfg.json and
         sae.safetensors), ready to run on pyinterp's kernels."""
-        path = Path(path)
-        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-        if not config_path.is_file() or not weights_path.is_file():
-            inner = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_FILE}")) if path.is_dir() else []
-            hint = f"; it holds one SAE per hookpoint: pass one of {', '.join(inner)}" if inner else ""
-            raise FileNotFoundError(f"no SAE at {path}: expected {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{config_path}: not a readable JSON SAE config ({exc})") from exc
-        if not isinstance(config, dict) or not isinstance(config.get("k"), int):
-            raise ValueError(f"{config_path}: expected a JSON object with an integer 'k' (active "
-                             f"latents per token), got {str(config)[:80]}")
+        folder = read_sae_folder(path)
+        config, own = folder.config, folder.own
         activation = config.get("activation", "topk")
-        if activation not in ("topk", "jumprelu") or config.get("transcode") or config.get("skip_connection"):
-            raise ValueError(f"{config_path}: only plain top-k and JumpReLU SAEs load (activation 'topk' or "
-                             f"'jumprelu', no transcoder, no skip connection); got activation={activation!r}, "
-                             f"transcode={config.get('transcode')}, skip_connection={config.get('skip_connection')}")
-        own = config.get("pyinterp", {})
-        if not isinstance(own, dict):
-            raise ValueError(f"{config_path}: 'pyinterp' must be a JSON object, got {own!r}")
         from pyinterp.nn.jumprelu import JumpReLUSAE  # they build on this module
         from pyinterp.nn.matryoshka import MatryoshkaBatchTopKSAE
 
+        if activation == "jumprelu":
+            return JumpReLUSAE.load(path, backend=backend, device=device)
+        if activation != "topk" or config.get("transcode") or config.get("skip_connection"):
+            raise ValueError(f"{folder.config_path}: only plain top-k and JumpReLU SAEs load (activation 'topk' or "
+                             f"'jumprelu', no transcoder, no skip connection); got activation={activation!r}, "
+                             f"transcode={config.get('transcode')}, skip_connection={config.get('skip_connection')}")
         modules = {m.architecture: m for m in (BatchTopKSAE, MatryoshkaBatchTopKSAE)}
-        module = JumpReLUSAE if activation == "jumprelu" else modules.get(own.get("architecture"), TopKSAE)
-        try:
-            with safe_open(str(weights_path), framework="pt") as handle:
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
-        required = set(EXPORT_NAMES.values()) | ({"threshold"} if activation == "jumprelu" else set())
-        missing = required - tensors.keys()
-        if missing:
-            raise ValueError(f"{weights_path}: missing tensors {sorted(missing)}")
-        if tensors["encoder.weight"].dim() != 2:
-            raise ValueError(f"{weights_path}: encoder.weight must be 2-D (n_latents, d_model), got "
-                             f"shape {tuple(tensors['encoder.weight'].shape)}")
-        n_latents, d_model = tensors["encoder.weight"].shape
-        expected = {"encoder.weight": (n_latents, d_model), "encoder.bias": (n_latents,),
-                    "W_dec": (n_latents, d_model), "b_dec": (d_model,)}
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
-                                 f"expected {shape} (from encoder.weight)")
+        module = modules.get(own.get("architecture"), TopKSAE)
         kwargs = {key: own[key] for key in module.load_keys if key in own}
         if module is TopKSAE and "multi_topk" not in own and isinstance(config.get("multi_topk"), bool):
             kwargs["multi_topk"] = config["multi_topk"]  # an SAE trained by sparsify
+        return folder.build(module, backend, device, kwargs)
+
+
+class SAEFolder(NamedTuple):
+    """A saved SAE folder, read and checked: cfg.json (`config`, its "pyinterp" part `own`) and the
+    tensors of sae.safetensors, whose four SAE tensors agree with encoder.weight's (n_latents, d_model)."""
+    config: dict
+    own: dict
+    tensors: dict
+    config_path: Path
+    weights_path: Path
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.tensors["encoder.weight"].shape)
+
+    def build(self, module: type["TopKSAE"], backend: str, device, kwargs: dict) -> "TopKSAE":
+        n_latents, d_model = self.shape
         try:
-            sae = module(d_model, n_latents, config["k"], backend=backend, device=device,
-                         dtype=tensors["encoder.weight"].dtype, **kwargs)
+            sae = module(d_model, n_latents, self.config["k"], backend=backend, device=device,
+                         dtype=self.tensors["encoder.weight"].dtype, **kwargs)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{config_path}: {exc}") from exc
-        sae.import_tensors(tensors)
+            raise ValueError(f"{self.config_path}: {exc}") from exc
+        sae.import_tensors(self.tensors)
         return sae
+
+
+def read_sae_folder(path: str | Path) -> SAEFolder:
+    """Reads and checks the folder an SAE's save() (or sparsify's) writes; raises FileNotFoundError /
+    ValueError naming the file and what is wrong."""
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        inner = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_FILE}")) if path.is_dir() else []
+        hint = f"; it holds one SAE per hookpoint: pass one of {', '.join(inner)}" if inner else ""
+        raise FileNotFoundError(f"no SAE at {path}: expected {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{config_path}: not a readable JSON SAE config ({exc})") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("k"), int):
+        raise ValueError(f"{config_path}: expected a JSON object with an integer 'k' (active "
+                         f"latents per token), got {str(config)[:80]}")
+    own = config.get("pyinterp", {})
+    if not isinstance(own, dict):
+        raise ValueError(f"{config_path}: 'pyinterp' must be a JSON object, got {own!r}")
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    missing = set(EXPORT_NAMES.values()) - tensors.keys()
+    if missing:
+        raise ValueError(f"{weights_path}: missing tensors {sorted(missing)}")
+    if tensors["encoder.weight"].dim() != 2:
+        raise ValueError(f"{weights_path}: encoder.weight must be 2-D (n_latents, d_model), got "
+                         f"shape {tuple(tensors['encoder.weight'].shape)}")
+    n_latents, d_model = tensors["encoder.weight"].shape
+    expected = {"encoder.weight": (n_latents, d_model), "encoder.bias": (n_latents,),
+                "W_dec": (n_latents, d_model), "b_dec": (d_model,)}
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
+                             f"expected {shape} (from encoder.weight)")
+    return SAEFolder(config, own, tensors, config_path, weights_path)
 
 
 def write_sae_folder(path: str | Path, tensors: dict[str, Tensor], config: dict) -> None:
