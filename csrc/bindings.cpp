@@ -26,6 +26,14 @@ TORCH_LIBRARY(pyinterp, m) {
   // Deterministic: each latent's (n, j) pairs are reduced in increasing (n, j) order.
   m.def("sparse_t_matmul(Tensor coef, Tensor indices, Tensor rows, int num_latents) -> "
         "(Tensor weight_grad, Tensor coef_sum)");
+  // ---- SAE: matching-pursuit encode (pyinterp/ops/matching_pursuit_encode.py) ----
+  // x (N, D); W_dec (M, D) (the tied encoder); b_dec (D) or None; gram (M, M) = W_dec W_dec^T in the
+  // accumulator dtype or None (then the scores are recomputed each step). k greedy steps per row with
+  // the rules of pyinterp/reference/matching_pursuit_encode.py; values (N, k) in x's dtype, indices
+  // (N, k) int32; slots of steps that are not live or after a row is done: value 0, index 0.
+  m.def("matching_pursuit_forward(Tensor x, Tensor W_dec, Tensor? b_dec, Tensor? gram, int k, "
+        "bool positive, float residual_threshold, bool stop_on_duplicate_support) -> "
+        "(Tensor values, Tensor indices)");
   // ---- integrated Jacobians (pyinterp/ops/ij_accumulate.py) ----
   // One chunk of K quadrature nodes, added in place so that the (E, N, S, D) per-node tensor never exists:
   //   Jc[e,s,d] = sum_k weights[k] * grads[k,e,s,d]

@@ -1,3 +1,3 @@
 """torch.library registration of every op: Triton custom ops, fake functions, public ops with autograd.
 Importing this package registers every op's OpSpec with pyinterp._dispatch."""
-from pyinterp.ops import ij_accumulate, resonator, sparse_decode, threshold_encode, topk_encode  # noqa: F401
+from pyinterp.ops import ij_accumulate, matching_pursuit_encode, resonator, sparse_decode, threshold_encode, topk_encode  # noqa: F401

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--buffer-tokens", type=positive_int, default=65536,
                         help="tokens in the shuffle buffer (default 65536)")
     sae = parser.add_argument_group("SAE")
-    sae.add_argument("--architecture", choices=("topk", "batch_topk"), default="topk")
+    sae.add_argument("--architecture", choices=("topk", "batch_topk", "matching_pursuit"), default="topk",
+                     help="matching_pursuit: the MP-SAE (k greedy steps on a tied decoder; no AuxK)")
     sae.add_argument("--latents", type=positive_int, default=4096, help="number of latents M (default 4096)")
     sae.add_argument("--k", type=positive_int, default=32, help="active latents per token (default 32)")
     sae.add_argument("--k-aux", type=nonnegative_int, default=None,

@@ -20,13 +20,14 @@ from torch import Tensor
 
 from pyinterp import _validation
 from pyinterp._atomic import atomic_write_text, kill_point
+from pyinterp.nn.matching_pursuit import MatchingPursuitSAE
 from pyinterp.nn.sae import BatchTopKSAE, TopKSAE, total_variance, write_sae_folder
 from pyinterp.sae import checkpoint
 from pyinterp.sae.data import ActivationSource
 from pyinterp.sae.distributed import LatentShardedTopKSAE, ParallelContext
 
 PRECISIONS = ("auto", "fp32", "bf16")
-ARCHITECTURES = {"topk": TopKSAE, "batch_topk": BatchTopKSAE}
+ARCHITECTURES = {"topk": TopKSAE, "batch_topk": BatchTopKSAE, "matching_pursuit": MatchingPursuitSAE}
 METRICS_FILE = "metrics.jsonl"
 
 

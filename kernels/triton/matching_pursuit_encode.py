@@ -1,0 +1,95 @@
+"""Triton matching-pursuit encoder (the rules of pyinterp/reference/matching_pursuit_encode.py; the math
+docs/sae_family.md, "Matching pursuit").
+
+One program per row keeps the row's residual (D wide) and its listed slots in registers for all k
+steps; each step streams the decoder in (BLOCK_M x D) tiles, scores the tile against the residual and
+keeps a running argmax (ties to the lower index), so no score beyond one tile is ever held and nothing
+goes back to the host between steps. Done rows keep running the loop with their updates masked off.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import accumulator, check_float, interpreting, pow2, to_out
+
+
+@triton.jit
+def _matching_pursuit_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, M, D, K, residual_threshold,
+                             HAS_BIAS: tl.constexpr, POSITIVE: tl.constexpr, STOP_DUPLICATE: tl.constexpr,
+                             USE_THRESHOLD: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    r = tl.load(x_ptr + row * D + cols, mask=col_ok, other=0.0).to(ACC)
+    if HAS_BIAS:
+        r -= tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    slots = tl.arange(0, BLOCK_K)
+    listed_v = tl.zeros([BLOCK_K], ACC)
+    listed_i = tl.zeros([BLOCK_K], tl.int32)
+    done = row * 0  # 0/1 flags as integers: the interpreter has no & of scalar booleans
+    for t in range(0, K):
+        best_key = tl.full((), float("-inf"), ACC)
+        best = tl.full((), 0, tl.int32)
+        for m0 in range(0, M, BLOCK_M):
+            lat = m0 + tl.arange(0, BLOCK_M)
+            lat_ok = lat < M
+            w = tl.load(w_ptr + lat.to(tl.int64)[:, None] * D + cols[None, :],
+                        mask=lat_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
+            score = tl.sum(w * r[None, :], axis=1)
+            if not POSITIVE:
+                score = tl.abs(score)
+            score = tl.where(lat_ok, score, float("-inf"))
+            tile_key = tl.max(score, axis=0)
+            tile_arg = tl.argmax(score, axis=0, tie_break_left=True).to(tl.int32)
+            better = tile_key > best_key  # strict: an equal key in a later tile has a larger index
+            best = tl.where(better, m0 + tile_arg, best)
+            best_key = tl.where(better, tile_key, best_key)
+        w = tl.load(w_ptr + best.to(tl.int64) * D + cols, mask=col_ok, other=0.0).to(ACC)
+        c = tl.sum(r * w, axis=0)
+        if POSITIVE:
+            live = tl.where(c > 0, 1 - done, 0)
+        else:
+            live = tl.where(c != 0, 1 - done, 0)
+        c = tl.where(live != 0, c, 0.0)
+        r -= c * w
+        if STOP_DUPLICATE:
+            held = tl.sum(tl.where((listed_i == best) & (listed_v != 0) & (slots < t), 1, 0), axis=0)
+            done = tl.maximum(done, tl.where(live == 0, 1, 0))
+            done = tl.maximum(done, tl.where(held > 0, 1, 0))
+        if USE_THRESHOLD:
+            done = tl.maximum(done, tl.where(tl.sqrt(tl.sum(r * r, axis=0)) < residual_threshold, 1, 0))
+        here = slots == t
+        listed_v = tl.where(here, c, listed_v)
+        listed_i = tl.where(here, tl.where(live != 0, best, 0), listed_i)
+    out = row * K + slots
+    slot_ok = slots < K
+    tl.store(val_ptr + out, to_out(listed_v, val_ptr.dtype.element_ty), mask=slot_ok)
+    tl.store(idx_ptr + out, listed_i, mask=slot_ok)
+
+
+def matching_pursuit_forward(x: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None, k: int,
+                             positive: bool, residual_threshold: float,
+                             stop_on_duplicate_support: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, D), W_dec (M, D), b_dec (D) or None -> (values (N, k) in x's dtype, indices (N, k) int32)."""
+    check_float("matching_pursuit_forward", x=x, W_dec=W_dec, b_dec=b_dec)
+    n, d = x.shape
+    m = W_dec.shape[0]
+    values = torch.zeros(n, k, device=x.device, dtype=x.dtype)
+    indices = torch.zeros(n, k, device=x.device, dtype=torch.int32)
+    if n == 0:
+        return values, indices
+    block_d = pow2(d)
+    # The interpreter pays per operation: wide tiles there; on a GPU a tile of ~8K elements.
+    tile = 1 << 16 if interpreting() else 1 << 13
+    block_m = max(16, min(pow2(m), tile // block_d))
+    x = x.contiguous()
+    W_dec = W_dec.contiguous()
+    _matching_pursuit_kernel[(n,)](
+        x, W_dec, b_dec if b_dec is not None else x, values, indices, m, d, k, float(residual_threshold),
+        HAS_BIAS=b_dec is not None, POSITIVE=positive, STOP_DUPLICATE=stop_on_duplicate_support,
+        USE_THRESHOLD=residual_threshold > 0, ACC=accumulator(x.dtype), BLOCK_M=block_m, BLOCK_D=block_d,
+        BLOCK_K=pow2(k))
+    return values, indices
