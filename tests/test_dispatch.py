@@ -17,7 +17,7 @@ def toy_spec(**overrides):
 
 
 def test_every_op_is_registered_once_with_the_reference():
-    assert _dispatch.op_names() == ["ij_accumulate", "resonator", "sparse_decode", "threshold_encode", "topk_encode"]
+    assert _dispatch.op_names() == ["ij_accumulate", "matching_pursuit_encode", "resonator", "sparse_decode", "threshold_encode", "topk_encode"]
     for name in _dispatch.op_names():
         spec = _dispatch.op_spec(name)
         assert spec.name == name and "torch" in spec.backends
