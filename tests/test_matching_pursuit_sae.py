@@ -111,3 +111,18 @@ def test_trainer_trains_it_and_saves_a_loadable_sae(tmp_path):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
     loaded = MatchingPursuitSAE.load(tmp_path, backend="torch")
     assert torch.equal(loaded.W_dec, sae.W_dec)
+
+
+# The op's host-side code is the same for every backend; the Triton interpreter would take half a minute.
+@pytest.mark.parametrize("backend", [b for b in backends("matching_pursuit_encode") if b != "triton"])
+def test_training_step_has_no_host_sync(backend):
+    from test_sae_training import _HostSyncDetector
+
+    sae = build_sae("matching_pursuit", 12, 40, 4, backend=backend, residual_threshold=0.5,
+                    stop_on_duplicate_support=True)
+    trainer = Trainer(sae, TensorSource(correlated_activations(200, 12)),
+                      TrainConfig(tokens=10**4, batch_size=16, progress=False))
+    trainer.train_step()
+    with _HostSyncDetector() as detector:
+        trainer.train_step()
+    assert detector.syncs == []
