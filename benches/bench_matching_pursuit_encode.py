@@ -1,6 +1,7 @@
 """matching_pursuit_encode: the MP-SAE forward (pyinterp.matching_pursuit_encode + pyinterp.sparse_decode,
-what pyinterp.nn.MatchingPursuitSAE runs) vs SAELens' MatchingPursuitSAE.forward, both with SAELens' default rules (positive selection,
-residual_threshold 1e-2, stop on duplicate support) and k = max_iterations, in interleaved rounds.
+what pyinterp.nn.MatchingPursuitSAE runs) vs SAELens' MatchingPursuitSAE.forward, both with SAELens'
+default rules (positive selection, residual_threshold 1e-2, stop on duplicate support) and
+k = max_iterations, in interleaved rounds.
 
 On the cpu backend "pyinterp-cpu" builds the Gram matrix W_dec W_dec^T in every call (a decoder that
 changes every step, as in training) and "pyinterp-cpu-cached-gram" reuses one built beforehand (inference:

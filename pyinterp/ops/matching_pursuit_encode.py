@@ -145,21 +145,9 @@ def matching_pursuit_encode(x: Tensor, W_dec: Tensor, k: int, *, b_dec: Tensor |
     residual updates with the selections fixed (the exact gradient of the unrolled loop).
     backend: "auto", "triton", "cpu" or "torch"."""
     op = "matching_pursuit_encode"
-    _validation.check_tensor(op, "x", x, dtypes=_validation.FLOAT_DTYPES)
-    _validation.check_tensor(op, "W_dec", W_dec, ndim=2)
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have shape (..., D), got a scalar")
-    num_latents, width = W_dec.shape
-    if num_latents == 0 or width == 0:
-        raise ValueError(f"{op}: W_dec must be (M, D) with M >= 1 latents and D >= 1 features, got "
-                         f"shape {tuple(W_dec.shape)}")
-    if x.shape[-1] != width:
-        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dim but W_dec has {width} columns "
-                         "(W_dec must be (M, D) with D = x.shape[-1])")
+    num_latents, width = _validation.check_encoder(op, x, W_dec, weight_name="W_dec", b_dec=b_dec)
     _validation.check_same_device(op, "x", x, W_dec=W_dec, b_dec=b_dec, gram=gram)
     _validation.check_same_dtype(op, "x", x, W_dec=W_dec, b_dec=b_dec)
-    if b_dec is not None:
-        _validation.check_tensor(op, "b_dec", b_dec, ndim=1)
     _validation.check_shape(op, "b_dec", b_dec, (width,), "x.shape[-1]")
     _validation.check_int(op, "k", k, low=1, high=width,
                           meaning="1 <= k <= D: matching pursuit takes at most D = x.shape[-1] steps")
