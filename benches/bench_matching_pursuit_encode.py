@@ -3,9 +3,9 @@ what pyinterp.nn.MatchingPursuitSAE runs) vs SAELens' MatchingPursuitSAE.forward
 default rules (positive selection, residual_threshold 1e-2, stop on duplicate support) and
 k = max_iterations, in interleaved rounds.
 
-On the cpu backend "pyinterp-cpu" builds the Gram matrix W_dec W_dec^T in every call (a decoder that
-changes every step, as in training) and "pyinterp-cpu-cached-gram" reuses one built beforehand (inference:
-the module caches it while W_dec is unchanged); both in the same interleaved rounds. Unit: tok/s."""
+"pyinterp-<backend>" builds the Gram matrix W_dec W_dec^T in every call (a decoder that changes every
+step, as in training) and "pyinterp-<backend>-cached-gram" reuses one built beforehand (inference: the
+module caches it while W_dec is unchanged); all in the same interleaved rounds. Unit: tok/s."""
 from __future__ import annotations
 
 import pytest
@@ -16,17 +16,14 @@ from pyinterp.ops.matching_pursuit_encode import gram_matrix
 from sae_shapes import ALL_SHAPES, measure_and_record, sae_case, synchronize
 
 PROVIDERS = ("pyinterp-triton", "pyinterp-cpu", "saelens")  # no CUDA kernel of its own
-CACHED_GRAM = "pyinterp-cpu-cached-gram"  # runs where pyinterp-cpu does
 RULES = {"residual_threshold": 1e-2, "stop_on_duplicate_support": True}
 
 
 def pyinterp_forward(backend, W_dec, b_dec, k, *, gram_per_call):
-    # The Gram matrix serves the cpu kernel only (the Triton and CUDA paths rescan the decoder).
-    use_gram = backend == "cpu"
-    cached = gram_matrix(W_dec) if use_gram and not gram_per_call else None
+    cached = None if gram_per_call else gram_matrix(W_dec)
 
     def forward(x):
-        gram = gram_matrix(W_dec) if use_gram and gram_per_call else cached
+        gram = gram_matrix(W_dec) if gram_per_call else cached
         values, indices = pyinterp.matching_pursuit_encode(x, W_dec, k, b_dec=b_dec, positive=True, gram=gram,
                                                            backend=backend, **RULES)
         return pyinterp.sparse_decode(values, indices, W_dec, b_dec, backend=backend, check_indices=False)
@@ -58,11 +55,10 @@ def test_matching_pursuit_encode(record, progress, request, shape):
     for provider in case.providers:
         if provider == "saelens":
             forwards[provider] = saelens_forward(W_dec, b_dec, case.k)
-        else:
-            forwards[provider] = pyinterp_forward(provider.removeprefix("pyinterp-"), W_dec, b_dec, case.k,
-                                                  gram_per_call=True)
-    if "pyinterp-cpu" in forwards:
-        forwards[CACHED_GRAM] = pyinterp_forward("cpu", W_dec, b_dec, case.k, gram_per_call=False)
+            continue
+        backend = provider.removeprefix("pyinterp-")
+        forwards[provider] = pyinterp_forward(backend, W_dec, b_dec, case.k, gram_per_call=True)
+        forwards[f"{provider}-cached-gram"] = pyinterp_forward(backend, W_dec, b_dec, case.k, gram_per_call=False)
     steps = {}
     for provider, forward in forwards.items():
 

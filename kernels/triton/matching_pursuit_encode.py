@@ -2,9 +2,12 @@
 docs/sae_family.md, "Matching pursuit").
 
 One program per row keeps the row's residual (D wide) and its listed slots in registers for all k
-steps; each step streams the decoder in (BLOCK_M x D) tiles, scores the tile against the residual and
-keeps a running argmax (ties to the lower index), so no score beyond one tile is ever held and nothing
-goes back to the host between steps. Done rows keep running the loop with their updates masked off.
+steps, and nothing goes back to the host between steps; done rows keep running the loop with their
+updates masked off. Without a Gram matrix each step streams the decoder in (BLOCK_M x D) tiles, scores
+the tile against the residual and keeps a running argmax (ties to the lower index), so no score beyond
+one tile is ever held. With gram = W W^T, a chunk of rows' scores is computed once by one GEMM and each
+step updates the row's scores in place, s -= c G[j] (docs/sae_family.md, "Scores without the N x M
+matrix"), streaming BLOCK_M-wide slices of s and of G's row fused with the next argmax.
 """
 from __future__ import annotations
 
@@ -12,7 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from pyinterp._dtypes import accumulator_dtype
+
 from ._common import accumulator, check_float, interpreting, pow2, to_out
+
+# Scores held at once by the Gram path (2^27 fp32: 512 MiB).
+CHUNK_SCORES = 1 << 27
 
 
 @triton.jit
@@ -70,10 +78,74 @@ def _matching_pursuit_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, M, D, K, res
     tl.store(idx_ptr + out, listed_i, mask=slot_ok)
 
 
-def matching_pursuit_forward(x: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None, k: int,
-                             positive: bool, residual_threshold: float,
+@triton.jit
+def _matching_pursuit_gram_kernel(s_ptr, x_ptr, w_ptr, b_ptr, g_ptr, val_ptr, idx_ptr, row0, M, D, K,
+                                  residual_threshold, HAS_BIAS: tl.constexpr, POSITIVE: tl.constexpr,
+                                  STOP_DUPLICATE: tl.constexpr, USE_THRESHOLD: tl.constexpr, ACC: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    # s_ptr: this chunk's scores <r_0, w_i> (rows x M, ACC), updated in place step by step.
+    local = tl.program_id(0).to(tl.int64)
+    row = row0 + local
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    r = tl.load(x_ptr + row * D + cols, mask=col_ok, other=0.0).to(ACC)
+    if HAS_BIAS:
+        r -= tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    scores = s_ptr + local * M
+    slots = tl.arange(0, BLOCK_K)
+    listed_v = tl.zeros([BLOCK_K], ACC)
+    listed_i = tl.zeros([BLOCK_K], tl.int32)
+    done = row * 0
+    last = tl.full((), 0, tl.int32)        # the previous step's latent and coefficient (0: no update)
+    last_c = tl.full((), 0.0, ACC)
+    for t in range(0, K):
+        best_key = tl.full((), float("-inf"), ACC)
+        best = tl.full((), 0, tl.int32)
+        gram_row = g_ptr + last.to(tl.int64) * M
+        for m0 in range(0, M, BLOCK_M):
+            lat = m0 + tl.arange(0, BLOCK_M)
+            lat_ok = lat < M
+            s = tl.load(scores + lat, mask=lat_ok, other=0.0)
+            if last_c != 0:
+                s -= last_c * tl.load(gram_row + lat, mask=lat_ok, other=0.0).to(ACC)
+                tl.store(scores + lat, s, mask=lat_ok)
+            key = s if POSITIVE else tl.abs(s)
+            key = tl.where(lat_ok, key, float("-inf"))
+            tile_key = tl.max(key, axis=0)
+            tile_arg = tl.argmax(key, axis=0, tie_break_left=True).to(tl.int32)
+            better = tile_key > best_key
+            best = tl.where(better, m0 + tile_arg, best)
+            best_key = tl.where(better, tile_key, best_key)
+        w = tl.load(w_ptr + best.to(tl.int64) * D + cols, mask=col_ok, other=0.0).to(ACC)
+        c = tl.sum(r * w, axis=0)  # exact: only the selection sees the updates' rounding
+        if POSITIVE:
+            live = tl.where(c > 0, 1 - done, 0)
+        else:
+            live = tl.where(c != 0, 1 - done, 0)
+        c = tl.where(live != 0, c, 0.0)
+        r -= c * w
+        if STOP_DUPLICATE:
+            held = tl.sum(tl.where((listed_i == best) & (listed_v != 0) & (slots < t), 1, 0), axis=0)
+            done = tl.maximum(done, tl.where(live == 0, 1, 0))
+            done = tl.maximum(done, tl.where(held > 0, 1, 0))
+        if USE_THRESHOLD:
+            done = tl.maximum(done, tl.where(tl.sqrt(tl.sum(r * r, axis=0)) < residual_threshold, 1, 0))
+        here = slots == t
+        listed_v = tl.where(here, c, listed_v)
+        listed_i = tl.where(here, tl.where(live != 0, best, 0), listed_i)
+        last = best
+        last_c = c
+    out = row * K + slots
+    slot_ok = slots < K
+    tl.store(val_ptr + out, to_out(listed_v, val_ptr.dtype.element_ty), mask=slot_ok)
+    tl.store(idx_ptr + out, listed_i, mask=slot_ok)
+
+
+def matching_pursuit_forward(x: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None,
+                             gram: torch.Tensor | None, k: int, positive: bool, residual_threshold: float,
                              stop_on_duplicate_support: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, D), W_dec (M, D), b_dec (D) or None -> (values (N, k) in x's dtype, indices (N, k) int32)."""
+    """x (N, D), W_dec (M, D), b_dec (D) or None, gram (M, M) in the accumulator dtype or None ->
+    (values (N, k) in x's dtype, indices (N, k) int32)."""
     check_float("matching_pursuit_forward", x=x, W_dec=W_dec, b_dec=b_dec)
     n, d = x.shape
     m = W_dec.shape[0]
@@ -82,14 +154,30 @@ def matching_pursuit_forward(x: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.
     if n == 0:
         return values, indices
     block_d = pow2(d)
-    # The interpreter pays per operation: wide tiles there; on a GPU a tile of ~8K elements.
-    tile = 1 << 16 if interpreting() else 1 << 13
-    block_m = max(16, min(pow2(m), tile // block_d))
     x = x.contiguous()
     W_dec = W_dec.contiguous()
-    _matching_pursuit_kernel[(n,)](
-        x, W_dec, b_dec if b_dec is not None else x, values, indices, m, d, k, float(residual_threshold),
-        HAS_BIAS=b_dec is not None, POSITIVE=positive, STOP_DUPLICATE=stop_on_duplicate_support,
-        USE_THRESHOLD=residual_threshold > 0, ACC=accumulator(x.dtype), BLOCK_M=block_m, BLOCK_D=block_d,
-        BLOCK_K=pow2(k))
+    flags = dict(HAS_BIAS=b_dec is not None, POSITIVE=positive, STOP_DUPLICATE=stop_on_duplicate_support,
+                 USE_THRESHOLD=residual_threshold > 0, ACC=accumulator(x.dtype), BLOCK_D=block_d, BLOCK_K=pow2(k))
+    bias = b_dec if b_dec is not None else x
+    if gram is None:
+        # The interpreter pays per operation: wide tiles there. On a GPU a tile of at most 8K elements
+        # (sm_90 AOT: 107 registers at D = 768 and 127 at D = 4096, no spills; 16 x 4096 spilled).
+        tile, least = (1 << 16, 16) if interpreting() else (1 << 13, 1)
+        block_m = max(least, min(pow2(m), tile // block_d))
+        _matching_pursuit_kernel[(n,)](x, W_dec, bias, values, indices, m, d, k, float(residual_threshold),
+                                       BLOCK_M=block_m, **flags)
+        return values, indices
+    acc_dtype = accumulator_dtype(x.dtype)
+    W_acc = W_dec.to(acc_dtype)
+    gram = gram.contiguous()
+    # Scores of at most CHUNK_SCORES elements at a time: one chunk of rows, never the N x M matrix.
+    rows = max(1, min(n, CHUNK_SCORES // m))
+    for row0 in range(0, n, rows):
+        chunk = x[row0:row0 + rows].to(acc_dtype)
+        if b_dec is not None:
+            chunk = chunk - b_dec.to(acc_dtype)
+        scores = (chunk @ W_acc.T).contiguous()
+        _matching_pursuit_gram_kernel[(chunk.shape[0],)](
+            scores, x, W_dec, bias, gram, values, indices, row0, m, d, k, float(residual_threshold),
+            BLOCK_M=min(pow2(m), 1 << 12 if interpreting() else 1 << 10), **flags)  # sm_90: 63-120 registers
     return values, indices

@@ -27,7 +27,7 @@ class MatchingPursuitSAE(TopKSAE):
     (the encoder is W_dec transposed). positive=True, residual_threshold and stop_on_duplicate_support
     are SAELens' rules (its defaults: True, 1e-2, True); here the defaults train (no early stop).
     Parameters W_dec (n_latents, d_model) with unit rows, b_dec. With use_gram (default: n_latents <=
-    16384) the cpu kernel updates scores through W_dec W_dec^T, cached while W_dec is unchanged.
+    16384) the kernels update scores through W_dec W_dec^T, cached while W_dec is unchanged.
     The loss is the FVU (no auxiliary loss)."""
 
     architecture = "matching_pursuit"
@@ -67,8 +67,8 @@ class MatchingPursuitSAE(TopKSAE):
                 "stop_on_duplicate_support": self.stop_on_duplicate_support, "seed": self.seed}
 
     def _gram_for(self, W_dec: Tensor) -> Tensor | None:
-        """W_dec W_dec^T for the cpu kernel, rebuilt only when W_dec changed (version counter)."""
-        if not self.use_gram or W_dec.device.type != "cpu":
+        """W_dec W_dec^T for the kernels, rebuilt only when W_dec changed (version counter)."""
+        if not self.use_gram:
             return None
         key = (self.W_dec.data_ptr(), self.W_dec._version, W_dec.dtype)
         if key != self._gram_key:

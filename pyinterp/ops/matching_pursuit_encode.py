@@ -1,8 +1,9 @@
 """matching_pursuit_encode: the MP-SAE encoder (docs/sae_family.md, "Matching pursuit"), k greedy steps
 per row on the tied decoder, listed as (values, indices) that sparse_decode takes.
 
-Forward kernels: cpu (csrc/cpu/matching_pursuit_encode.cpp; with a Gram matrix it updates the scores
-instead of recomputing them) and triton (kernels/triton/matching_pursuit_encode.py). The backward is the
+Forward kernels: cpu (csrc/cpu/matching_pursuit_encode.cpp) and triton
+(kernels/triton/matching_pursuit_encode.py); given a Gram matrix both update the scores instead of
+recomputing them. The backward is the
 reverse pass over the k steps of docs/sae_family.md with the selected indices fixed: O(k D) per row,
 made of row gathers and the backend's deterministic sparse_t_matmul (pyinterp/ops/sparse_decode.py)."""
 from __future__ import annotations
@@ -32,32 +33,18 @@ def _forward_fake(x, W_dec, b_dec, gram, k, positive, residual_threshold, stop_o
 
 
 @torch.library.custom_op("pyinterp::matching_pursuit_forward_triton", mutates_args=())
-def matching_pursuit_forward_triton(x: Tensor, W_dec: Tensor, b_dec: Optional[Tensor], k: int, positive: bool,
-                                    residual_threshold: float,
+def matching_pursuit_forward_triton(x: Tensor, W_dec: Tensor, b_dec: Optional[Tensor], gram: Optional[Tensor],
+                                    k: int, positive: bool, residual_threshold: float,
                                     stop_on_duplicate_support: bool) -> tuple[Tensor, Tensor]:
     return _dispatch.triton_kernels("matching_pursuit_encode").matching_pursuit_forward(
-        x, W_dec, b_dec, k, positive, residual_threshold, stop_on_duplicate_support)
+        x, W_dec, b_dec, gram, k, positive, residual_threshold, stop_on_duplicate_support)
 
 
-@matching_pursuit_forward_triton.register_fake
-def _(x, W_dec, b_dec, k, positive, residual_threshold, stop_on_duplicate_support):
-    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int32)
-
-
-def _cpu_forward(x, W_dec, b_dec, gram, k, positive, residual_threshold, stop_on_duplicate_support):
-    return torch.ops.pyinterp.matching_pursuit_forward(x, W_dec, b_dec, gram, k, positive, residual_threshold,
-                                                       stop_on_duplicate_support)
-
-
-def _triton_forward(x, W_dec, b_dec, gram, k, positive, residual_threshold, stop_on_duplicate_support):
-    # The Triton kernel rescans the decoder each step; a Gram matrix has nothing to save it there.
-    return torch.ops.pyinterp.matching_pursuit_forward_triton(x, W_dec, b_dec, k, positive, residual_threshold,
-                                                              stop_on_duplicate_support)
-
+matching_pursuit_forward_triton.register_fake(_forward_fake)
 
 SPEC = _dispatch.register(_dispatch.OpSpec("matching_pursuit_encode", kernels={
-    "triton": lambda: _triton_forward,
-    "cpu": lambda: _cpu_forward,
+    "triton": lambda: torch.ops.pyinterp.matching_pursuit_forward_triton,
+    "cpu": lambda: torch.ops.pyinterp.matching_pursuit_forward,
 }))
 
 
@@ -121,7 +108,7 @@ _matching_pursuit_encode.register_autograd(_backward, setup_context=_setup_conte
 
 
 def gram_matrix(W_dec: Tensor) -> Tensor:
-    """W_dec W_dec^T (M, M) in the accumulator dtype, without gradient: the cpu kernel's score update."""
+    """W_dec W_dec^T (M, M) in the accumulator dtype, without gradient: the kernels' score update."""
     with torch.no_grad():
         W = W_dec.detach().to(_dtypes.accumulator_dtype(W_dec.dtype))
         return W @ W.T
@@ -140,8 +127,8 @@ def matching_pursuit_encode(x: Tensor, W_dec: Tensor, k: int, *, b_dec: Tensor |
     pyinterp.sparse_decode(values, indices, W_dec, b_dec).
 
     x (..., D); W_dec (M, D); 1 <= k <= D. gram: W_dec W_dec^T from gram_matrix(W_dec) (cache it while
-    W_dec does not change) lets the cpu kernel update scores in O(M) per step instead of O(M D); the
-    selections agree up to rounding. Gradients flow to x, W_dec and b_dec through the coefficients and
+    W_dec does not change) lets the cpu and triton kernels update scores in O(M) per step instead of
+    O(M D); the selections agree up to rounding (the torch reference ignores it). Gradients flow to x, W_dec and b_dec through the coefficients and
     residual updates with the selections fixed (the exact gradient of the unrolled loop).
     backend: "auto", "triton", "cpu" or "torch"."""
     op = "matching_pursuit_encode"
