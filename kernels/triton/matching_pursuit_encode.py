@@ -24,6 +24,32 @@ CHUNK_SCORES = 1 << 27
 
 
 @triton.jit
+def _step(r, w, best, t, slots, listed_v, listed_i, done, residual_threshold, POSITIVE: tl.constexpr,
+          STOP_DUPLICATE: tl.constexpr, USE_THRESHOLD: tl.constexpr):
+    """Step t of one row given its selected latent `best` (row w): the coefficient (recomputed exactly,
+    so only the selection sees any score update's rounding), the residual update, the listed slot and
+    the done flag, by the reference's rules. Flags are 0/1 integers: the interpreter has no & of scalar
+    booleans."""
+    c = tl.sum(r * w, axis=0)
+    if POSITIVE:
+        live = tl.where(c > 0, 1 - done, 0)
+    else:
+        live = tl.where(c != 0, 1 - done, 0)
+    c = tl.where(live != 0, c, 0.0)
+    r -= c * w
+    if STOP_DUPLICATE:
+        held = tl.sum(tl.where((listed_i == best) & (listed_v != 0) & (slots < t), 1, 0), axis=0)
+        done = tl.maximum(done, tl.where(live == 0, 1, 0))
+        done = tl.maximum(done, tl.where(held > 0, 1, 0))
+    if USE_THRESHOLD:
+        done = tl.maximum(done, tl.where(tl.sqrt(tl.sum(r * r, axis=0)) < residual_threshold, 1, 0))
+    here = slots == t
+    listed_v = tl.where(here, c, listed_v)
+    listed_i = tl.where(here, tl.where(live != 0, best, 0), listed_i)
+    return r, c, listed_v, listed_i, done
+
+
+@triton.jit
 def _matching_pursuit_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, M, D, K, residual_threshold,
                              HAS_BIAS: tl.constexpr, POSITIVE: tl.constexpr, STOP_DUPLICATE: tl.constexpr,
                              USE_THRESHOLD: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -37,7 +63,7 @@ def _matching_pursuit_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, M, D, K, res
     slots = tl.arange(0, BLOCK_K)
     listed_v = tl.zeros([BLOCK_K], ACC)
     listed_i = tl.zeros([BLOCK_K], tl.int32)
-    done = row * 0  # 0/1 flags as integers: the interpreter has no & of scalar booleans
+    done = row * 0
     for t in range(0, K):
         best_key = tl.full((), float("-inf"), ACC)
         best = tl.full((), 0, tl.int32)
@@ -56,22 +82,8 @@ def _matching_pursuit_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, M, D, K, res
             best = tl.where(better, m0 + tile_arg, best)
             best_key = tl.where(better, tile_key, best_key)
         w = tl.load(w_ptr + best.to(tl.int64) * D + cols, mask=col_ok, other=0.0).to(ACC)
-        c = tl.sum(r * w, axis=0)
-        if POSITIVE:
-            live = tl.where(c > 0, 1 - done, 0)
-        else:
-            live = tl.where(c != 0, 1 - done, 0)
-        c = tl.where(live != 0, c, 0.0)
-        r -= c * w
-        if STOP_DUPLICATE:
-            held = tl.sum(tl.where((listed_i == best) & (listed_v != 0) & (slots < t), 1, 0), axis=0)
-            done = tl.maximum(done, tl.where(live == 0, 1, 0))
-            done = tl.maximum(done, tl.where(held > 0, 1, 0))
-        if USE_THRESHOLD:
-            done = tl.maximum(done, tl.where(tl.sqrt(tl.sum(r * r, axis=0)) < residual_threshold, 1, 0))
-        here = slots == t
-        listed_v = tl.where(here, c, listed_v)
-        listed_i = tl.where(here, tl.where(live != 0, best, 0), listed_i)
+        r, _, listed_v, listed_i, done = _step(r, w, best, t, slots, listed_v, listed_i, done, residual_threshold,
+                                               POSITIVE, STOP_DUPLICATE, USE_THRESHOLD)
     out = row * K + slots
     slot_ok = slots < K
     tl.store(val_ptr + out, to_out(listed_v, val_ptr.dtype.element_ty), mask=slot_ok)
@@ -117,28 +129,25 @@ def _matching_pursuit_gram_kernel(s_ptr, x_ptr, w_ptr, b_ptr, g_ptr, val_ptr, id
             best = tl.where(better, m0 + tile_arg, best)
             best_key = tl.where(better, tile_key, best_key)
         w = tl.load(w_ptr + best.to(tl.int64) * D + cols, mask=col_ok, other=0.0).to(ACC)
-        c = tl.sum(r * w, axis=0)  # exact: only the selection sees the updates' rounding
-        if POSITIVE:
-            live = tl.where(c > 0, 1 - done, 0)
-        else:
-            live = tl.where(c != 0, 1 - done, 0)
-        c = tl.where(live != 0, c, 0.0)
-        r -= c * w
-        if STOP_DUPLICATE:
-            held = tl.sum(tl.where((listed_i == best) & (listed_v != 0) & (slots < t), 1, 0), axis=0)
-            done = tl.maximum(done, tl.where(live == 0, 1, 0))
-            done = tl.maximum(done, tl.where(held > 0, 1, 0))
-        if USE_THRESHOLD:
-            done = tl.maximum(done, tl.where(tl.sqrt(tl.sum(r * r, axis=0)) < residual_threshold, 1, 0))
-        here = slots == t
-        listed_v = tl.where(here, c, listed_v)
-        listed_i = tl.where(here, tl.where(live != 0, best, 0), listed_i)
+        r, c, listed_v, listed_i, done = _step(r, w, best, t, slots, listed_v, listed_i, done, residual_threshold,
+                                               POSITIVE, STOP_DUPLICATE, USE_THRESHOLD)
         last = best
         last_c = c
     out = row * K + slots
     slot_ok = slots < K
     tl.store(val_ptr + out, to_out(listed_v, val_ptr.dtype.element_ty), mask=slot_ok)
     tl.store(idx_ptr + out, listed_i, mask=slot_ok)
+
+
+def latent_block(d: int, m: int, *, gram: bool, interpreter: bool) -> int:
+    """BLOCK_M of the kernels. The interpreter pays per operation: wide tiles there. On a GPU the plain
+    kernel's (BLOCK_M x D) tile holds at most 8K elements and the Gram kernel streams 1K scores at a time
+    (benches/triton_aot_report.py mp, sm_90: 107 / 127 registers at D = 768 / 4096 and 63 / 120 for the
+    Gram kernel, no spills; a 16 x 4096 tile spilled)."""
+    if gram:
+        return min(pow2(m), 1 << 12 if interpreter else 1 << 10)
+    tile, least = (1 << 16, 16) if interpreter else (1 << 13, 1)
+    return max(least, min(pow2(m), tile // pow2(d)))
 
 
 def matching_pursuit_forward(x: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None,
@@ -159,11 +168,8 @@ def matching_pursuit_forward(x: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.
     flags = dict(HAS_BIAS=b_dec is not None, POSITIVE=positive, STOP_DUPLICATE=stop_on_duplicate_support,
                  USE_THRESHOLD=residual_threshold > 0, ACC=accumulator(x.dtype), BLOCK_D=block_d, BLOCK_K=pow2(k))
     bias = b_dec if b_dec is not None else x
+    block_m = latent_block(d, m, gram=gram is not None, interpreter=interpreting())
     if gram is None:
-        # The interpreter pays per operation: wide tiles there. On a GPU a tile of at most 8K elements
-        # (sm_90 AOT: 107 registers at D = 768 and 127 at D = 4096, no spills; 16 x 4096 spilled).
-        tile, least = (1 << 16, 16) if interpreting() else (1 << 13, 1)
-        block_m = max(least, min(pow2(m), tile // block_d))
         _matching_pursuit_kernel[(n,)](x, W_dec, bias, values, indices, m, d, k, float(residual_threshold),
                                        BLOCK_M=block_m, **flags)
         return values, indices
@@ -179,5 +185,5 @@ def matching_pursuit_forward(x: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.
         scores = (chunk @ W_acc.T).contiguous()
         _matching_pursuit_gram_kernel[(chunk.shape[0],)](
             scores, x, W_dec, bias, gram, values, indices, row0, m, d, k, float(residual_threshold),
-            BLOCK_M=min(pow2(m), 1 << 12 if interpreting() else 1 << 10), **flags)  # sm_90: 63-120 registers
+            BLOCK_M=block_m, **flags)
     return values, indices

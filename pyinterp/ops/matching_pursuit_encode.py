@@ -3,7 +3,7 @@ per row on the tied decoder, listed as (values, indices) that sparse_decode take
 
 Forward kernels: cpu (csrc/cpu/matching_pursuit_encode.cpp) and triton
 (kernels/triton/matching_pursuit_encode.py); given a Gram matrix both update the scores instead of
-recomputing them. The backward is the
+recomputing them. No CUDA kernel of its own: on a GPU, auto takes the Triton one. The backward is the
 reverse pass over the k steps of docs/sae_family.md with the selected indices fixed: O(k D) per row,
 made of row gathers and the backend's deterministic sparse_t_matmul (pyinterp/ops/sparse_decode.py)."""
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def unrolled_backward(grad_values: Tensor, x_centered: Tensor, W: Tensor, values: Tensor, indices: Tensor,
+def _unrolled_backward(grad_values: Tensor, x_centered: Tensor, W: Tensor, values: Tensor, indices: Tensor,
                       sparse_t_matmul) -> tuple[Tensor, Tensor]:
     """(dL/d(x - b_dec), dL/dW) of the k unrolled steps, the indices fixed (docs/sae_family.md, "Matching
     pursuit": the reverse pass). All in x_centered's dtype; a zero coefficient is a step that did nothing."""
@@ -96,7 +96,7 @@ def _backward(ctx, grad_values, _grad_indices):
     x_centered = x.to(dtype) if b_dec is None else x.to(dtype) - b_dec.to(dtype)
     grad_values = torch.zeros_like(values, dtype=dtype) if grad_values is None else grad_values.to(dtype)
     kernels = sparse_decode.SPEC.kernel(ctx.backend)
-    grad_centered, grad_W = unrolled_backward(grad_values, x_centered, W_dec.to(dtype), values.to(dtype), indices,
+    grad_centered, grad_W = _unrolled_backward(grad_values, x_centered, W_dec.to(dtype), values.to(dtype), indices,
                                               kernels.sparse_t_matmul)
     grad_x = grad_centered.to(x.dtype) if ctx.needs_input_grad[0] else None
     grad_W_dec = grad_W.to(W_dec.dtype) if ctx.needs_input_grad[1] else None
@@ -128,8 +128,9 @@ def matching_pursuit_encode(x: Tensor, W_dec: Tensor, k: int, *, b_dec: Tensor |
 
     x (..., D); W_dec (M, D); 1 <= k <= D. gram: W_dec W_dec^T from gram_matrix(W_dec) (cache it while
     W_dec does not change) lets the cpu and triton kernels update scores in O(M) per step instead of
-    O(M D); the selections agree up to rounding (the torch reference ignores it). Gradients flow to x, W_dec and b_dec through the coefficients and
-    residual updates with the selections fixed (the exact gradient of the unrolled loop).
+    O(M D); the selections agree up to rounding (the torch reference ignores it). Gradients flow to x,
+    W_dec and b_dec through the coefficients and residual updates with the selections fixed (the exact
+    gradient of the unrolled loop).
     backend: "auto", "triton", "cpu" or "torch"."""
     op = "matching_pursuit_encode"
     num_latents, width = _validation.check_encoder(op, x, W_dec, weight_name="W_dec", b_dec=b_dec)
