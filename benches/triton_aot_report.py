@@ -1,6 +1,6 @@
 """AOT-compile the Triton kernels for sm_90 (no GPU needed): shared memory, registers and local-memory
 stack (spills) of each, from the cubin (cuobjdump -res-usage of Triton's bundled CUDA tools).
-    .venv/bin/python benches/triton_aot_report.py ij res topk sparse"""
+    .venv/bin/python benches/triton_aot_report.py ij res topk sparse mp"""
 import os
 import subprocess
 import sys
@@ -75,3 +75,16 @@ if "sparse" in which:
                  "N": "i32", "K": "i32", "D": "i32"} | ({"M": "i32"} if "M" in sparse_decode._gather_sum_kernel.arg_names else {}),
                 {"HAS_BIAS": True, "ACC": __import__("triton.language").language.float32, "BLOCK_R": 1, "BLOCK_K": 8,
                  "BLOCK_D": 512})
+if "mp" in which:
+    import triton.language as tl
+    from pyinterp._kernels.triton import matching_pursuit_encode as mp
+    flags = {"HAS_BIAS": True, "POSITIVE": True, "STOP_DUPLICATE": True, "USE_THRESHOLD": True, "ACC": tl.float32,
+             "BLOCK_K": 32}
+    rows = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "val_ptr": "*bf16", "idx_ptr": "*i32",
+            "M": "i32", "D": "i32", "K": "i32", "residual_threshold": "fp32"}
+    for D, M in ((768, 32768), (4096, 131072)):  # gpt2-32k, llama8b-128k
+        compile_one(f"matching_pursuit_D{D}", mp._matching_pursuit_kernel, dict(rows),
+                    {**flags, "BLOCK_M": mp.latent_block(D, M, gram=False, interpreter=False), "BLOCK_D": mp.pow2(D)})
+        compile_one(f"matching_pursuit_gram_D{D}", mp._matching_pursuit_gram_kernel,
+                    {"s_ptr": "*fp32", **rows, "g_ptr": "*fp32", "row0": "i32"},
+                    {**flags, "BLOCK_M": mp.latent_block(D, M, gram=True, interpreter=False), "BLOCK_D": mp.pow2(D)})

@@ -45,6 +45,14 @@ TORCH_LIBRARY(pyinterp, m) {
   m.def("prefix_gather_dot(Tensor grad_suffix, Tensor indices, Tensor weight, int[] prefixes) -> Tensor");
   //   out[i] = sum_{(n,j): indices[n,j]=i} coef[n,j] * grad_suffix[b(i), n]         (M, D), deterministic
   m.def("prefix_t_matmul(Tensor coef, Tensor indices, Tensor grad_suffix, int[] prefixes) -> Tensor");
+  // ---- SAE: matching-pursuit encode (pyinterp/ops/matching_pursuit_encode.py) ----
+  // x (N, D); W_dec (M, D) (the tied encoder); b_dec (D) or None; gram (M, M) = W_dec W_dec^T in the
+  // accumulator dtype or None (then the scores are recomputed each step). k greedy steps per row with
+  // the rules of pyinterp/reference/matching_pursuit_encode.py; values (N, k) in x's dtype, indices
+  // (N, k) int32; slots of steps that are not live or after a row is done: value 0, index 0.
+  m.def("matching_pursuit_forward(Tensor x, Tensor W_dec, Tensor? b_dec, Tensor? gram, int k, "
+        "bool positive, float residual_threshold, bool stop_on_duplicate_support) -> "
+        "(Tensor values, Tensor indices)");
   // ---- integrated Jacobians (pyinterp/ops/ij_accumulate.py) ----
   // One chunk of K quadrature nodes, added in place so that the (E, N, S, D) per-node tensor never exists:
   //   Jc[e,s,d] = sum_k weights[k] * grads[k,e,s,d]

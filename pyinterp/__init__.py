@@ -12,12 +12,14 @@ picks the fastest available for the tensors' device. `pyinterp info` says which 
 from pyinterp import _extension
 from pyinterp.ops.ij_accumulate import ij_accumulate
 from pyinterp.ops.prefix_decode import prefix_decode
+from pyinterp.ops.matching_pursuit_encode import matching_pursuit_encode
 from pyinterp.ops.sparse_decode import sparse_decode
 from pyinterp.ops.threshold_encode import threshold_encode
 from pyinterp.ops.topk_encode import topk_encode
 
 __version__ = "0.1.0"
-__all__ = ["topk_encode", "threshold_encode", "sparse_decode", "prefix_decode", "ij_accumulate", "attribution", "vsa", "__version__"]
+__all__ = ["topk_encode", "threshold_encode", "matching_pursuit_encode", "sparse_decode", "prefix_decode", "ij_accumulate",
+           "attribution", "vsa", "__version__"]
 
 _extension.cuda_extension()  # registers the CUDA kernels, when built
 from pyinterp import attribution, vsa  # noqa: E402  (need the ops above)

@@ -26,11 +26,11 @@ def check_tensor(op: str, name: str, value, *, ndim: int | Iterable[int] | None 
     return value
 
 
-def check_encoder(op: str, x, W_enc, **vectors) -> tuple[int, int]:
-    """The inputs every SAE encoder takes: x (..., D) float, W_enc (M, D) with M, D >= 1, and 1-D
-    `vectors` (None: absent). Returns (M, D)."""
+def check_encoder(op: str, x, W_enc, *, weight_name: str = "W_enc", **vectors) -> tuple[int, int]:
+    """The inputs every SAE encoder takes: x (..., D) float, W_enc (M, D) with M, D >= 1 (named
+    weight_name in errors: a tied encoder takes W_dec), and 1-D `vectors` (None: absent). Returns (M, D)."""
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
-    check_tensor(op, "W_enc", W_enc, ndim=2)
+    check_tensor(op, weight_name, W_enc, ndim=2)
     for name, tensor in vectors.items():
         if tensor is not None:
             check_tensor(op, name, tensor, ndim=1)
@@ -38,11 +38,11 @@ def check_encoder(op: str, x, W_enc, **vectors) -> tuple[int, int]:
         raise ValueError(f"{op}: x must have shape (..., D), got a scalar")
     num_latents, width = W_enc.shape
     if num_latents == 0 or width == 0:
-        raise ValueError(f"{op}: W_enc must be (M, D) with M >= 1 latents and D >= 1 features, got "
+        raise ValueError(f"{op}: {weight_name} must be (M, D) with M >= 1 latents and D >= 1 features, got "
                          f"shape {tuple(W_enc.shape)}")
     if x.shape[-1] != width:
-        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dim but W_enc has "
-                         f"{width} columns (W_enc must be (M, D) with D = x.shape[-1])")
+        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dim but {weight_name} has "
+                         f"{width} columns ({weight_name} must be (M, D) with D = x.shape[-1])")
     return num_latents, width
 
 

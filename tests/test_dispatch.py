@@ -17,8 +17,8 @@ def toy_spec(**overrides):
 
 
 def test_every_op_is_registered_once_with_the_reference():
-    assert _dispatch.op_names() == ["ij_accumulate", "prefix_decode", "resonator", "sparse_decode", "threshold_encode",
-                                    "topk_encode"]
+    assert _dispatch.op_names() == ["ij_accumulate", "matching_pursuit_encode", "prefix_decode", "resonator",
+                                    "sparse_decode", "threshold_encode", "topk_encode"]
     for name in _dispatch.op_names():
         spec = _dispatch.op_spec(name)
         assert spec.name == name and "torch" in spec.backends

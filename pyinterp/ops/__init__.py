@@ -1,4 +1,4 @@
 """torch.library registration of every op: Triton custom ops, fake functions, public ops with autograd.
 Importing this package registers every op's OpSpec with pyinterp._dispatch."""
-from pyinterp.ops import (ij_accumulate, prefix_decode, resonator, sparse_decode, threshold_encode,  # noqa: F401
-                          topk_encode)
+from pyinterp.ops import (ij_accumulate, matching_pursuit_encode, prefix_decode, resonator, sparse_decode,  # noqa: F401
+                          threshold_encode, topk_encode)

@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--buffer-tokens", type=positive_int, default=65536,
                         help="tokens in the shuffle buffer (default 65536)")
     sae = parser.add_argument_group("SAE")
-    sae.add_argument("--architecture", choices=tuple(ARCHITECTURES), default="topk")
+    sae.add_argument("--architecture", choices=tuple(ARCHITECTURES), default="topk",
+                     help="matching_pursuit: the MP-SAE (k greedy steps on a tied decoder; no AuxK)")
     sae.add_argument("--matryoshka-prefixes", type=_prefix_list, default=None, metavar="M1,M2,...",
                      help="with --architecture matryoshka_batch_topk: the nested dictionary sizes, strictly "
                           "increasing, the last = --latents (default M/16,M/8,M/4,M/2,M)")

@@ -22,6 +22,7 @@ from pyinterp import _validation
 from pyinterp._atomic import atomic_write_text, kill_point
 from pyinterp.nn.jumprelu import JumpReLUSAE
 from pyinterp.nn.matryoshka import MatryoshkaBatchTopKSAE
+from pyinterp.nn.matching_pursuit import MatchingPursuitSAE
 from pyinterp.nn.sae import BatchTopKSAE, TopKSAE, total_variance, write_sae_folder
 from pyinterp.sae import checkpoint
 from pyinterp.sae.data import ActivationSource
@@ -29,7 +30,7 @@ from pyinterp.sae.distributed import LatentShardedTopKSAE, ParallelContext
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ARCHITECTURES = {"topk": TopKSAE, "batch_topk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
-                 "matryoshka_batch_topk": MatryoshkaBatchTopKSAE}
+                 "matryoshka_batch_topk": MatryoshkaBatchTopKSAE, "matching_pursuit": MatchingPursuitSAE}
 METRICS_FILE = "metrics.jsonl"
 
 
