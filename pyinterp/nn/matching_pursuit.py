@@ -46,6 +46,7 @@ class MatchingPursuitSAE(TopKSAE):
         _validation.check_int(name, "k", k, low=1, high=d_model, meaning="1 <= k <= d_model")
         self.residual_threshold = _validation.check_number(name, "residual_threshold", residual_threshold, low=0.0)
         self.d_model, self.n_latents, self.k, self.k_aux, self.aux_alpha = d_model, n_latents, k, 0, 0.0
+        self.multi_topk = False  # TopKSAE.forward reads it; a sparsify loss option, not MP's
         self.positive, self.stop_on_duplicate_support = bool(positive), bool(stop_on_duplicate_support)
         self.use_gram = n_latents <= GRAM_MAX_LATENTS if use_gram is None else bool(use_gram)
         self.backend, self.seed = backend, seed
