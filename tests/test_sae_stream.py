@@ -289,3 +289,35 @@ def test_streaming_resume_with_more_tokens_keeps_the_checkpoints_dead_after_toke
     capsys.readouterr()
     assert cli.main(common + ["--tokens", "2880", "--dead-after-tokens", "500"]) == 2
     assert "dead_after_tokens: 96 in the checkpoint, 500 now" in capsys.readouterr().err
+
+
+def test_device_map_is_passed_to_transformers_and_a_missing_accelerate_is_named(tmp_path, streamed_run, capsys,
+                                                                                 monkeypatch):
+    import importlib.util
+
+    from pyinterp import cli
+    from pyinterp.sae.cache import load_model
+
+    import transformers
+
+    model_folder, path, _ = streamed_run
+    asked, from_pretrained = [], transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **options: (asked.append(options.get("device_map")),
+                                                  from_pretrained(*args, **options))[1])
+    model, _, _ = load_model(str(model_folder), device_map="auto")
+    assert asked == ["auto"] and next(model.parameters()).device.type == "cpu"  # all of it fits the CPU
+    assert [p.name for p in hookpoints.resolve(model, layers="1-2")] == ["transformer.h.0", "transformer.h.1"]
+    command = ["train-sae", "--model", str(model_folder), "--corpus", str(path), *STREAM_RUN, "--tokens", "192",
+               "--device-map", "auto"]
+    assert cli.main(command + ["--out", str(tmp_path / "mapped")]) == 0
+    assert asked == ["auto", "auto"]
+    assert (tmp_path / "mapped" / "transformer.h.1" / "sae.safetensors").is_file()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "accelerate" else find_spec(name, *rest))
+    capsys.readouterr()
+    assert cli.main(command + ["--out", str(tmp_path / "unmapped")]) == 2
+    assert "--device-map auto needs the accelerate package" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="applies to a Hugging Face model"):
+        load_model("default", device_map="auto")

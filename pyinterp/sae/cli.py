@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--model", default="default",
                         help="with --corpus: Hugging Face model id or local folder (default: the embedded "
                              "all-MiniLM-L6-v2)")
+    stream.add_argument("--device-map", default=None,
+                        help="with --model: transformers' device_map (e.g. auto) for a model larger than one "
+                             "device, its layers spread over the GPUs; needs accelerate")
     stream.add_argument("--text-column", default="text")
     stream.add_argument("--hookpoints", nargs="*", default=None,
                         help="module paths, globs allowed ('*' one component), ':input' for a module's input")

@@ -494,7 +494,7 @@ def run_streaming(args) -> int:
         else:  # the ranks train disjoint hookpoints and never talk: torchrun's variables are all they need
             context = ParallelContext()
             rank, world, shard = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), (0, 1)
-        model, tokenizer, model_name = load_model(args.model, "fp32", str(device))
+        model, tokenizer, model_name = load_model(args.model, "fp32", str(device), args.device_map)
         pairs = []
         for item in args.transcode or []:
             if "=" not in item:
