@@ -85,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "with an error at the next log line) or skip (go on; stop only when a whole "
                             "log window was skipped)")
     train.add_argument("--parallel", choices=PARALLEL_MODES, default="none",
-                       help="multi-process mode under torchrun: data parallel or latent sharding")
+                       help="multi-process mode under torchrun: data parallel or latent sharding; with "
+                            "--corpus, ddp has every rank stream its own part of the corpus (without it "
+                            "the hookpoints are spread over the ranks)")
     train.add_argument("--device", default=None, help="default: cuda (the local rank's) if available, else cpu")
     train.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
     train.add_argument("--log-every", type=positive_int, default=defaults.log_every,
