@@ -34,6 +34,10 @@ ROUND_STEPS = {"cpu": 8, "cuda": 64}
 # The shuffle buffer holds one micro-batch: the same forwards as sparsify's (which does not shuffle).
 # A larger buffer costs its fill, buffer_tokens of forwards before the first step, once per run.
 BUFFER_BATCHES = 1
+# Both trainers count a latent dead after this many tokens without firing, so AuxK runs in both once
+# latents die (sparsify's default, 10M, would leave it off in its run and on in pyinterp's, whose
+# default follows the run's length).
+DEAD_AFTER_TOKENS = 2 * BATCH_TOKENS
 PROVIDERS = ("pyinterp", "sparsify", "sparsify-1thread")
 DEVICE = bench_device()
 
@@ -56,7 +60,7 @@ def pyinterp_run(model, tokenizer, path, points, steps: int, backend: str):
                                           context_length=CONTEXT, buffer_tokens=BUFFER_BATCHES * BATCH_TOKENS,
                                           batch_windows=WINDOWS_PER_BATCH)
         config = TrainConfig(tokens=steps * BATCH_TOKENS, batch_size=BATCH_TOKENS, log_every=steps,
-                             checkpoint_every=0, progress=False)
+                             checkpoint_every=0, dead_after_tokens=DEAD_AFTER_TOKENS, progress=False)
 
         def make_trainer(name, source):
             return Trainer(build_sae("topk", source.d_model, LATENTS, K, backend=backend, device=DEVICE),
@@ -69,7 +73,8 @@ def pyinterp_run(model, tokenizer, path, points, steps: int, backend: str):
 
 def sparsify_run(model, points, windows, steps: int, threads: int | None):
     """One run of sparsify's Trainer over the first steps x 8 windows (its DataLoader takes them in
-    order), Adam and AuxK (alpha 1/32) like pyinterp's, no warm-up, no checkpoint written."""
+    order), Adam and AuxK (alpha 1/32, the same dead threshold) like pyinterp's, no warm-up, no
+    checkpoint written."""
     from datasets import Dataset
     from sparsify import SaeConfig, TrainConfig as SparsifyConfig, Trainer as SparsifyTrainer
 
@@ -79,6 +84,7 @@ def sparsify_run(model, points, windows, steps: int, threads: int | None):
     def run():
         config = SparsifyConfig(SaeConfig(num_latents=LATENTS, k=K), batch_size=WINDOWS_PER_BATCH,
                                 optimizer="adam", lr_warmup_steps=0, auxk_alpha=1 / 32,
+                                dead_feature_threshold=DEAD_AFTER_TOKENS,
                                 hookpoints=[p.name for p in points], log_to_wandb=False, save_every=10**9)
         precision, all_threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
         if threads:

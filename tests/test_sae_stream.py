@@ -257,12 +257,13 @@ def test_streaming_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_ru
     import signal
 
     model_folder, path, straight = streamed_run
-    # The third checkpoint committed (of either SAE's): at least one SAE has resumable state, the
-    # other one may have none yet (it then starts again from step 0).
-    killed = _train_sae(model_folder, path, tmp_path, kill_at="checkpoint-committed:3")
+    # Killed as the first checkpoint (step 3 of one SAE) is committed: the other SAE has usually none
+    # yet (its own commit may just have landed too) and then starts again from step 0 on resume (its
+    # metrics of steps 1-2 dropped), the first from step 3.
+    killed = _train_sae(model_folder, path, tmp_path, kill_at="checkpoint-committed:1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     steps = [json.loads(p.read_text())["step"] for p in tmp_path.glob("*/checkpoint.json")]
-    assert steps and max(steps) >= 6 and not (tmp_path / "transformer.h.0" / "sae.safetensors").exists()
+    assert steps and set(steps) == {3} and not (tmp_path / "transformer.h.0" / "sae.safetensors").exists()
     resumed = _train_sae(model_folder, path, tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _run_result(tmp_path) == _run_result(straight)

@@ -114,10 +114,8 @@ class BufferShuffle:
 class _Produced:
     """The consumer's end of the producer's queue (an iterator of blocks)."""
 
-    def __init__(self, blocks: queue.Queue, stop: threading.Event, timer: list[float], rows_limit: list,
-                 thread: threading.Thread):
+    def __init__(self, blocks: queue.Queue, stop: threading.Event, timer: list[float], rows_limit: list):
         self.blocks, self.stop, self.timer, self._rows_limit = blocks, stop, timer, rows_limit
-        self._thread = thread  # started by the first request, so every forward runs under its settings
 
     @property
     def forward_seconds(self) -> float:
@@ -131,8 +129,6 @@ class _Produced:
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self._thread.ident is None:
-            self._thread.start()
         item = self.blocks.get()
         if item is _DONE:
             self.stop.set()
@@ -183,7 +179,8 @@ def _producer(make_blocks: Callable[[], Iterator[torch.Tensor]], prefetch: int) 
         blocks.put(_DONE)
 
     thread = threading.Thread(target=run, name="pyinterp-activation-producer", daemon=True)
-    return _Produced(blocks, stop, timer, rows_limit, thread)
+    thread.start()
+    return _Produced(blocks, stop, timer, rows_limit)
 
 
 class HookpointStream:
@@ -192,8 +189,8 @@ class HookpointStream:
     first step), every micro-batch made is kept; afterwards one is dropped once every SAE that starts
     at or before it has taken it."""
 
-    def __init__(self, shuffle: BufferShuffle, widths: dict[str, int], device=torch.device("cpu")):
-        self.shuffle, self.widths, self.device = shuffle, widths, torch.device(device)  # the model's
+    def __init__(self, shuffle: BufferShuffle, widths: dict[str, int]):
+        self.shuffle, self.widths = shuffle, widths
         offsets = np.cumsum([0] + list(widths.values()))
         self.columns = {name: (int(offsets[i]), int(offsets[i + 1])) for i, name in enumerate(widths)}
         self._cache: dict[int, tuple[torch.Tensor, set[str]]] = {}
@@ -327,7 +324,7 @@ def streamed_sources(model, tokenizer, corpus: str, points, *, batch_size: int, 
                                exclude_first=exclude_first, batch_windows=batch_windows,
                                text_column=text_column, shard=shard)
     stream = HookpointStream(BufferShuffle(_producer(make_blocks, prefetch), batch_size, buffer_tokens, seed),
-                             widths, next(model.parameters()).device)
+                             widths)
     identity = {"model": model_name or type(model).__name__, "corpus": str(corpus),
                 "text_column": text_column, "context_length": context_length,
                 "exclude_first": exclude_first, "buffer_tokens": buffer_tokens}
@@ -338,7 +335,9 @@ class _Turns:
     """The SAE steps of one stream take turns, in a fixed round-robin order of the trainers still
     running: steps at once would only contend for the same cores (on a CPU, for OpenMP's thread
     pools; the producer's forward is what overlaps them), and with data parallelism every rank then
-    steps its SAEs in the same order, so their collectives pair up."""
+    steps its SAEs in the same order, so their collectives pair up. (Splitting a CPU's threads
+    between the producer and the steps was slower: the steps are most of the work, see
+    docs/SAE_TRAINING.md.)"""
 
     def __init__(self, names: list[str]):
         self.order, self.position = list(names), 0
@@ -375,22 +374,8 @@ def train_streaming(sources: dict[str, StreamedHookpoint], make_trainer) -> dict
     streams = {id(source.stream): source.stream for source in sources.values()}
     if len(streams) != 1:
         raise ValueError("train_streaming: the sources must share one stream (streamed_sources)")
-    # On a CPU the producer's forward and the SAE steps each get half the cores: both at full width
-    # oversubscribe them. torch's thread count is process-wide, so it is set for the whole run,
-    # before the first forward (the producer starts with the first request: a resumed run replays
-    # its forwards under the same count, a GEMM's bits can depend on it).
-    all_threads = torch.get_num_threads()
-    try:
-        shared = next(iter(streams.values()))
-        if shared.device.type == "cpu":
-            torch.set_num_threads(max(1, all_threads // 2))
-        trainers = {name: make_trainer(name, source) for name, source in sources.items()}
-        return _train_in_turns(shared, sources, trainers)
-    finally:
-        torch.set_num_threads(all_threads)
-
-
-def _train_in_turns(shared: HookpointStream, sources, trainers) -> dict[str, dict]:
+    shared = next(iter(streams.values()))
+    trainers = {name: make_trainer(name, source) for name, source in sources.items()}
     for name, trainer in trainers.items():
         shard = (trainer.context.data_rank, trainer.context.data_parallel_size)
         if shard != sources[name].shard:
