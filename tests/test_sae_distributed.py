@@ -78,3 +78,111 @@ def test_latent_sharded_two_processes_match_single_process(tmp_path):
     saved = TopKSAE.load(tmp_path / "run", backend="torch")  # written whole by rank 0
     for a, b in zip(saved.parameters(), single.sae.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+# ---- data parallel over a stream: each rank runs the model over its own part of the corpus ----
+STREAM_NAMES = ("transformer.h.0", "transformer.h.1.mlp")
+STREAM_CONFIG = dict(batch_size=48, lr=3e-3, dead_after_tokens=100, log_every=3, checkpoint_every=0,
+                     precision="fp32", progress=False)
+
+
+def _stream_sources(model_folder: str, corpus_path: str, shard):
+    from pyinterp.sae import hookpoints, stream
+    from pyinterp.sae.cache import load_model
+
+    torch.set_num_threads(1)
+    model, tokenizer, _ = load_model(model_folder)
+    points = hookpoints.resolve(model, list(STREAM_NAMES))
+    return stream.streamed_sources(model, tokenizer, corpus_path, points, batch_size=48, seed=0,
+                                   context_length=13, buffer_tokens=144, batch_windows=4, shard=shard)
+
+
+def _stream_sae(source, seed=3):
+    return build_sae("topk", source.d_model, 32, 4, backend="torch", k_aux=6, seed=seed)
+
+
+def _stream_worker(rank: int, world_size: int, init_file: str, model_folder: str, corpus_path: str,
+                   result_dir: str) -> None:
+    from pyinterp.sae import stream
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        context = parallel_context("ddp")
+        sources = _stream_sources(model_folder, corpus_path, (rank, world_size))
+        config = TrainConfig(tokens=48 * 2 * 6, grad_accumulation=1, **STREAM_CONFIG)
+        trainers = {}
+
+        def make(name, source):
+            trainers[name] = Trainer(_stream_sae(source), source, config, f"{result_dir}/run/{name}",
+                                     context=context.with_own_group())
+            return trainers[name]
+        stream.train_streaming(sources, make)
+        for name, trainer in trainers.items():
+            save_file({key: t.contiguous() for key, t in trainer.sae.export_tensors().items()},
+                      f"{result_dir}/{name}-rank{rank}.safetensors")
+            with open(f"{result_dir}/{name}-rank{rank}.json", "w") as handle:
+                json.dump(trainer.last_metrics, handle)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+class _InterleavedShards:
+    """The single-process run on the tokens of the two ranks: global micro-batch g is rank (g % 2)'s."""
+
+    def __init__(self, shards, name):
+        self.shards, self.name = shards, name
+        self.d_model = shards[0][name].d_model
+
+    def shuffled(self, batch_size, seed):
+        return self
+
+    def batch(self, index):
+        return self.shards[index % 2][self.name].batch(index)
+
+    def describe(self):
+        return f"{self.name} of two shards"
+
+    def identity(self):
+        return {"shards": self.name}
+
+
+def test_ddp_over_a_stream_two_processes_match_single_process_on_the_same_tokens(tmp_path):
+    import itertools
+
+    from test_sae_cache import tiny_model, write_corpus
+
+    from pyinterp import models
+    from pyinterp.sae import hookpoints, stream
+    from pyinterp.sae.cache import load_model
+
+    tokenizer = models.load_default_model().tokenizer
+    tiny_model("gpt2", tokenizer.vocab_size).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    corpus_path, folder = str(write_corpus(tmp_path, "txt")), str(tmp_path / "model")
+    # The shards are disjoint: rank r runs the model over blocks r, r + 2, ... of the windows.
+    model, saved_tokenizer, _ = load_model(folder)
+    points = hookpoints.resolve(model, list(STREAM_NAMES))
+
+    def first_blocks(shard, count):
+        return list(itertools.islice(stream.model_blocks(model, saved_tokenizer, corpus_path, points,
+                                                         context_length=13, exclude_first=False, batch_windows=4,
+                                                         shard=shard)(), count))
+    whole, even, odd = first_blocks((0, 1), 4), first_blocks((0, 2), 2), first_blocks((1, 2), 2)
+    assert all(torch.equal(a, b) for a, b in zip(whole, [even[0], odd[0], even[1], odd[1]]))
+    mp.spawn(_stream_worker, args=(2, str(tmp_path / "init"), folder, corpus_path, str(tmp_path)), nprocs=2,
+             join=True)
+    shards = [_stream_sources(folder, corpus_path, (rank, 2)) for rank in range(2)]
+    config = TrainConfig(tokens=48 * 2 * 6, grad_accumulation=2, **STREAM_CONFIG)
+    for name in STREAM_NAMES:
+        rank0 = load_file(str(tmp_path / f"{name}-rank0.safetensors"))
+        rank1 = load_file(str(tmp_path / f"{name}-rank1.safetensors"))
+        assert all(torch.equal(rank0[key], rank1[key]) for key in rank0), "every rank holds the same SAE"
+        source = _InterleavedShards(shards, name)
+        single = Trainer(_stream_sae(source), source, config)
+        single.train()
+        for key, value in single.sae.export_tensors().items():
+            torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+        metrics = json.loads((tmp_path / f"{name}-rank0.json").read_text())
+        assert metrics["fvu"] == pytest.approx(single.last_metrics["fvu"], rel=1e-4)
+    assert (tmp_path / "run" / STREAM_NAMES[0] / "sae.safetensors").is_file()  # written by rank 0

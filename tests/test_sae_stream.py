@@ -207,3 +207,118 @@ def test_tensorboard_sink_gets_every_logged_line_and_a_missing_package_is_named(
         sinks.check_sinks(["wandb"])
     with pytest.raises(ValueError, match="--log-to must name"):
         sinks.check_sinks(["csv"])
+
+
+
+STREAM_RUN = ["--layers", "1-2", "--latents", "32", "--k", "4", "--tokens", "960", "--batch-size", "96",
+              "--context-length", "13", "--backend", "cpu", "--buffer-tokens", "300", "--log-every", "2",
+              "--checkpoint-every", "3", "--no-progress"]  # two SAEs, checkpoints at steps 3, 6, 9 of 10
+
+
+@pytest.fixture(scope="module")
+def streamed_run(tmp_path_factory, tokenizer):
+    """(model folder, corpus, the uninterrupted run's --out) of STREAM_RUN on a tiny GPT-2."""
+    folder = tmp_path_factory.mktemp("streamed")
+    model = tiny_model("gpt2", tokenizer.vocab_size)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    path = write_corpus(folder, "txt")
+    straight = _train_sae(folder / "model", path, folder / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    return folder / "model", path, folder / "straight"
+
+
+def _train_sae(model_folder, corpus_path, out, *extra, kill_at=None):
+    """`pyinterp train-sae --corpus` (STREAM_RUN) in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "PYINTERP_KILL_AT"):
+        env.pop(name, None)
+    if kill_at:
+        env["PYINTERP_KILL_AT"] = kill_at
+    command = [sys.executable, "-m", "pyinterp", "train-sae", "--model", str(model_folder), "--corpus",
+               str(corpus_path), *STREAM_RUN, "--out", str(out), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _run_result(out) -> dict:
+    result = {}
+    for folder in ("transformer.h.0", "transformer.h.1"):
+        lines = [json.loads(line) for line in (out / folder / "metrics.jsonl").read_text().splitlines()]
+        result[folder] = ((out / folder / "sae.safetensors").read_bytes(),
+                          [{k: v for k, v in line.items() if k != "tokens_per_s"} for line in lines])
+    return result
+
+
+def test_streaming_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, streamed_run):
+    import signal
+
+    model_folder, path, straight = streamed_run
+    # Killed as the first checkpoint (step 3 of one SAE) is committed: the other SAE has usually none
+    # yet (its own commit may just have landed too) and then starts again from step 0 on resume (its
+    # metrics of steps 1-2 dropped), the first from step 3.
+    killed = _train_sae(model_folder, path, tmp_path, kill_at="checkpoint-committed:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    steps = [json.loads(p.read_text())["step"] for p in tmp_path.glob("*/checkpoint.json")]
+    assert steps and set(steps) == {3} and not (tmp_path / "transformer.h.0" / "sae.safetensors").exists()
+    resumed = _train_sae(model_folder, path, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _run_result(tmp_path) == _run_result(straight)
+
+
+def test_streaming_resume_with_more_tokens_keeps_the_checkpoints_dead_after_tokens(tmp_path, streamed_run, capsys):
+    import shutil
+
+    from pyinterp import cli
+
+    model_folder, path, straight = streamed_run
+    out = tmp_path / "out"
+    shutil.copytree(straight, out)
+    common = ["train-sae", "--model", str(model_folder), "--corpus", str(path), *STREAM_RUN, "--out", str(out),
+              "--resume"]
+    manifest = out / "transformer.h.0" / "checkpoint.json"
+    state = json.loads(manifest.read_text())
+    assert state["step"] == 10 and state["dead_after_tokens"] == 96  # the default: tokens / 10
+    assert cli.main(common + ["--tokens", "1920"]) == 0
+    state = json.loads(manifest.read_text())
+    # Continued to the new total with the dead-latent horizon its first 10 steps had (not the new
+    # default 192, which would change mid-run what counts as dead).
+    assert state["step"] == 20 and state["dead_after_tokens"] == 96
+    capsys.readouterr()
+    assert cli.main(common + ["--tokens", "2880", "--dead-after-tokens", "500"]) == 2
+    assert "dead_after_tokens: 96 in the checkpoint, 500 now" in capsys.readouterr().err
+
+
+def test_device_map_is_passed_to_transformers_and_a_missing_accelerate_is_named(tmp_path, streamed_run, capsys,
+                                                                                 monkeypatch):
+    import importlib.util
+
+    from pyinterp import cli
+    from pyinterp.sae.cache import load_model
+
+    import transformers
+
+    model_folder, path, _ = streamed_run
+    asked, from_pretrained = [], transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **options: (asked.append(options.get("device_map")),
+                                                  from_pretrained(*args, **options))[1])
+    model, _, _ = load_model(str(model_folder), device_map="auto")
+    assert asked == ["auto"] and next(model.parameters()).device.type == "cpu"  # all of it fits the CPU
+    assert [p.name for p in hookpoints.resolve(model, layers="1-2")] == ["transformer.h.0", "transformer.h.1"]
+    command = ["train-sae", "--model", str(model_folder), "--corpus", str(path), *STREAM_RUN, "--tokens", "192",
+               "--device-map", "auto"]
+    assert cli.main(command + ["--out", str(tmp_path / "mapped")]) == 0
+    assert asked == ["auto", "auto"]
+    assert (tmp_path / "mapped" / "transformer.h.1" / "sae.safetensors").is_file()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "accelerate" else find_spec(name, *rest))
+    capsys.readouterr()
+    assert cli.main(command + ["--out", str(tmp_path / "unmapped")]) == 2
+    assert "--device-map auto needs the accelerate package" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="applies to a Hugging Face model"):
+        load_model("default", device_map="auto")

@@ -152,12 +152,22 @@ def cache_activations(model, tokenizer, corpus: str | Path, points, out: str | P
     return manifest
 
 
-def load_model(name_or_path: str, dtype: str = "fp32", device: str = "cpu"):
+def load_model(name_or_path: str, dtype: str = "fp32", device: str = "cpu", device_map: str | None = None):
     """(model, tokenizer, name) for a Hugging Face id or local path, or the embedded default
-    all-MiniLM-L6-v2 ('default'); never downloads when HF_HUB_OFFLINE is set."""
+    all-MiniLM-L6-v2 ('default'); never downloads when HF_HUB_OFFLINE is set. device_map (e.g.
+    "auto") is transformers' from_pretrained's, for a model larger than one device: the layers are
+    spread over the devices (it needs accelerate) and `device` is not used."""
+    import importlib.util
+
     from pyinterp import models
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if device_map is not None:
+        if name_or_path == "default":
+            raise ValueError("--device-map: the embedded all-MiniLM-L6-v2 fits one device; it applies to "
+                             "a Hugging Face model given with --model")
+        if importlib.util.find_spec("accelerate") is None:
+            raise ValueError(f"--device-map {device_map} needs the accelerate package (pip install accelerate)")
     if name_or_path == "default":
         sentence_model = models.load_default_model(device)
         transformer, tokenizer = models.transformer_and_tokenizer(sentence_model)
@@ -169,6 +179,9 @@ def load_model(name_or_path: str, dtype: str = "fp32", device: str = "cpu"):
     auto = (transformers.AutoModelForCausalLM if getattr(config, "is_decoder", False)
             or any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
             else transformers.AutoModel)
+    if device_map is not None:
+        return auto.from_pretrained(name_or_path, dtype=torch_dtype, device_map=device_map).eval(), tokenizer, \
+            name_or_path
     model = auto.from_pretrained(name_or_path, dtype=torch_dtype).to(device).eval()
     return model, tokenizer, name_or_path
 
@@ -196,6 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows-per-shard", type=int, default=64)
     parser.add_argument("--batch-windows", type=int, default=8, help="windows per model forward")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device-map", default=None,
+                        help="transformers' device_map (e.g. auto) for a model larger than one device; "
+                             "needs accelerate")
     parser.add_argument("--overwrite", action="store_true", help="start over even if OUT holds another cache")
 
 
@@ -207,7 +223,7 @@ def run(args) -> int:
             raise ValueError(f"--corpus {args.corpus} does not exist")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device here")
-        model, tokenizer, name = load_model(args.model, args.model_dtype, args.device)
+        model, tokenizer, name = load_model(args.model, args.model_dtype, args.device, args.device_map)
         points = hookpoints_module.resolve(model, args.hookpoints, args.layers)
         cache_activations(model, tokenizer, args.corpus, points, args.out, tokens=args.tokens,
                           context_length=args.context_length, exclude_first=args.exclude_first_token,

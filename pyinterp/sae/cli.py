@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--model", default="default",
                         help="with --corpus: Hugging Face model id or local folder (default: the embedded "
                              "all-MiniLM-L6-v2)")
+    stream.add_argument("--device-map", default=None,
+                        help="with --model: transformers' device_map (e.g. auto) for a model larger than one "
+                             "device, its layers spread over the GPUs; needs accelerate")
     stream.add_argument("--text-column", default="text")
     stream.add_argument("--hookpoints", nargs="*", default=None,
                         help="module paths, globs allowed ('*' one component), ':input' for a module's input")
@@ -113,7 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "with an error at the next log line) or skip (go on; stop only when a whole "
                             "log window was skipped)")
     train.add_argument("--parallel", choices=PARALLEL_MODES, default="none",
-                       help="multi-process mode under torchrun: data parallel or latent sharding")
+                       help="multi-process mode under torchrun: data parallel or latent sharding; with "
+                            "--corpus, ddp has every rank stream its own part of the corpus (without it "
+                            "the hookpoints are spread over the ranks)")
     train.add_argument("--device", default=None, help="default: cuda (the local rank's) if available, else cpu")
     train.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
     train.add_argument("--log-every", type=positive_int, default=defaults.log_every,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,15 @@ class ParallelContext:
     mode: str = "none"
     rank: int = 0
     world_size: int = 1
+    group: object = None  # the process group of every collective (None: the default group)
+
+    def with_own_group(self) -> "ParallelContext":
+        """This context on a new process group of all ranks: trainers stepping in threads of one
+        process (pyinterp/sae/stream.py) then never mix up each other's collectives. Collective:
+        every rank must create the groups in the same order."""
+        if self.mode == "none":
+            return self
+        return replace(self, group=dist.new_group(list(range(self.world_size))))
 
     @property
     def data_parallel_size(self) -> int:
@@ -57,7 +66,7 @@ class ParallelContext:
             return sae
         device = sae.W_enc.device
         return torch.nn.parallel.DistributedDataParallel(
-            sae, device_ids=[device.index] if device.type == "cuda" else None)
+            sae, device_ids=[device.index] if device.type == "cuda" else None, process_group=self.group)
 
     def accumulating(self, model: torch.nn.Module, last: bool):
         """Around a micro-batch's backward: DDP reduces gradients on the last one only."""
@@ -65,13 +74,13 @@ class ParallelContext:
 
     def gather_data(self, rows: Tensor) -> Tensor:
         """Every data-parallel rank's rows, in rank order."""
-        return all_gather_rows(rows) if self.mode == "ddp" else rows
+        return all_gather_rows(rows, self.group) if self.mode == "ddp" else rows
 
     def sum_over_data_ranks(self, tensor: Tensor) -> Tensor:
-        return all_reduce_sum(tensor) if self.mode == "ddp" else tensor
+        return all_reduce_sum(tensor, self.group) if self.mode == "ddp" else tensor
 
     def sum_over_latent_shards(self, tensor: Tensor) -> Tensor:
-        return all_reduce_sum(tensor) if self.mode == "latents" else tensor
+        return all_reduce_sum(tensor, self.group) if self.mode == "latents" else tensor
 
     def all_ranks_true(self, flag: Tensor) -> Tensor:
         """A bool that holds on every rank (on the device: no host sync), so every rank skips the
@@ -79,7 +88,7 @@ class ParallelContext:
         if self.mode == "none":
             return flag
         agreed = flag.to(torch.int32)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
         return agreed.bool()
 
     def check_resume(self, saved_world_size: int) -> None:
@@ -89,7 +98,7 @@ class ParallelContext:
 
     def barrier(self) -> None:
         if self.mode != "none":
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def close(self) -> None:
         """Every rank done before any tears the group down (a rank leaving early can abort gloo
@@ -116,15 +125,15 @@ def parallel_context(mode: str) -> ParallelContext:
     return ParallelContext(mode, dist.get_rank(), dist.get_world_size())
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    dist.all_reduce(tensor)
+def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
+    dist.all_reduce(tensor, group=group)
     return tensor
 
 
-def all_gather_rows(tensor: Tensor) -> Tensor:
+def all_gather_rows(tensor: Tensor, group=None) -> Tensor:
     """Concatenate every rank's tensor along dim 0 (rank order)."""
-    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(pieces, tensor.contiguous())
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, tensor.contiguous(), group=group)
     return torch.cat(pieces)
 
 

@@ -191,6 +191,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.last_metrics: dict = {}
+        # Held around each step by train(): the SAEs of one stream take turns (pyinterp/sae/stream.py).
+        self.step_guard = contextlib.nullcontext()
         self._metric_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # fvu, aux, L0
         self._metric_batches = torch.zeros((), dtype=torch.float64, device=self.device)
         # Steps skipped in this log window, of them with non-finite activations, the first (-1: none).
@@ -351,7 +353,8 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         ran = self.step < self.total_steps
         while self.step < self.total_steps:
-            self.train_step()
+            with self.step_guard:
+                self.train_step()
             window_steps += 1
             bar.update(1)
             if self.step % self.config.log_every == 0 or self.step == self.total_steps:
