@@ -23,15 +23,6 @@ void check_prefixes(const char* op, const std::vector<int64_t>& prefixes, int64_
                   " (int32 indices), got ", prefixes.back());
 }
 
-// indices (N, k) int32 on like's device, shaped like `like` (named like_name in errors).
-void check_indices(const char* op, const Tensor& indices, const Tensor& like, const char* like_name) {
-  check_tensor(op, "indices", indices, 2, &like);
-  check_dtype(op, "indices", indices, ScalarType::Int);
-  STD_TORCH_CHECK(indices.size(0) == like.size(0) && indices.size(1) == like.size(1), op,
-                  ": indices must have the shape of ", like_name, " (", like.size(0), ", ", like.size(1),
-                  "), got (", indices.size(0), ", ", indices.size(1), ")");
-}
-
 // grad_suffix (P, N, D) in `dtype`, on like's device.
 void check_suffix(const char* op, const Tensor& grad_suffix, const Tensor& like, int64_t P, int64_t N) {
   check_tensor(op, "grad_suffix", grad_suffix, 3, &like);

@@ -12,15 +12,15 @@
 
 #include "common.cuh"
 #include "sparse_transpose.cuh"
+#include "warp_gather.cuh"
 
 namespace pyinterp::cuda {
 namespace {
 
-using namespace detail;  // common.cuh
+using namespace detail;  // common.cuh, sparse_transpose.cuh, warp_gather.cuh
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFull = 0xFFFFFFFFu;
 
 // The prefix sizes as a launch argument (P is small: nested dictionaries double in size).
 struct Buckets {
@@ -57,12 +57,9 @@ cudaError_t make_buckets(const int64_t* prefixes, int64_t P, Buckets& b) {
 // ------------------------------------------------------------------------------------------------
 // prefix_decode_forward: one warp per row. A lane owns kSumGroup 16-byte column chunks at a time.
 // For each bucket, the warp walks the row's k entries 32 at a time (one per lane), a ballot marks
-// the stage's entries of this bucket, and those are taken kSumUnroll at a time in increasing j
-// (their weight chunks loaded before any is accumulated), broadcast by shuffle.
+// the stage's entries of this bucket, and those are taken kSumUnroll at a time in increasing j,
+// broadcast by shuffle (warp_gather.cuh).
 // ------------------------------------------------------------------------------------------------
-constexpr int kSumGroup = 4;
-constexpr int kSumUnroll = 4;
-
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) prefix_decode_forward_kernel(
     const T* __restrict__ values, const int32_t* __restrict__ indices, const T* __restrict__ weight,
@@ -89,36 +86,20 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_forward_kernel(
           my_val = to_float(val_row[j0 + lane]);
         }
         // The same mask in every lane: the loop below is warp-uniform.
-        unsigned pending = __ballot_sync(kFull, buckets.of(my_idx) == p);
+        unsigned pending = __ballot_sync(kFullWarp, buckets.of(my_idx) == p);
         while (pending != 0u) {
-          detail::Packed<T, VEC> raw[kSumUnroll][kSumGroup];
+          int id[kSumUnroll];
           float v[kSumUnroll];
+          bool ok[kSumUnroll];
 #pragma unroll
           for (int u = 0; u < kSumUnroll; ++u) {
-            // Past the last pending entry: 0 * 0 (nothing is loaded).
-            const bool ok = pending != 0u;
-            const int src = ok ? __ffs(pending) - 1 : 0;
+            ok[u] = pending != 0u;  // past the last pending entry: nothing
+            const int src = ok[u] ? __ffs(pending) - 1 : 0;
             pending &= pending - 1u;
-            const int id = __shfl_sync(kFull, my_idx, src);
-            const float val = __shfl_sync(kFull, my_val, src);
-            v[u] = ok ? val : 0.0f;
-            const T* w_row = weight + int64_t(ok ? id : 0) * D;
-#pragma unroll
-            for (int g = 0; g < kSumGroup; ++g) {
-              const int64_t c = c0 + g * 32 + lane;
-              raw[u][g] = (ok && c < nvec) ? detail::load_packed<T, VEC>(w_row + c * VEC)
-                                           : detail::zero_packed<T, VEC>();
-            }
+            id[u] = __shfl_sync(kFullWarp, my_idx, src);
+            v[u] = __shfl_sync(kFullWarp, my_val, src);
           }
-#pragma unroll
-          for (int u = 0; u < kSumUnroll; ++u)
-#pragma unroll
-            for (int g = 0; g < kSumGroup; ++g) {
-              float w[VEC];
-              detail::unpack<T, VEC>(raw[u][g], w);
-#pragma unroll
-              for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(v[u], w[e], acc[g][e]);
-            }
+          add_weight_chunks<T, VEC>(weight, D, nvec, c0, lane, id, v, ok, acc);
         }
       }
       // The running sum is prefix p's reconstruction (bias added on the way out, as the reference
@@ -145,12 +126,8 @@ __global__ void __launch_bounds__(kThreads) prefix_decode_forward_kernel(
 
 // ------------------------------------------------------------------------------------------------
 // prefix_gather_dot: sparse_decode.cu's gather_dot (one warp per row, kDotGroup latents at a time,
-// kDotSteps chunk steps loaded before any is accumulated, a fixed xor-shuffle tree per dot product),
-// each latent meeting the gradient row of its bucket.
+// warp_gather.cuh), each latent meeting the gradient row of its bucket.
 // ------------------------------------------------------------------------------------------------
-constexpr int kDotGroup = 4;
-constexpr int kDotSteps = 2;
-
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) prefix_gather_dot_kernel(
     const T* __restrict__ grad_suffix, const int32_t* __restrict__ indices, const T* __restrict__ weight,
@@ -173,37 +150,8 @@ __global__ void __launch_bounds__(kThreads) prefix_gather_dot_kernel(
       g_rows[u] = grad_suffix + (int64_t(ok[u] ? b : 0) * N + row) * D;
       acc[u] = 0.0f;
     }
-    for (int64_t c0 = lane; c0 < nvec; c0 += 32 * kDotSteps) {
-      detail::Packed<T, VEC> g_raw[kDotSteps][kDotGroup], w_raw[kDotSteps][kDotGroup];
-#pragma unroll
-      for (int s = 0; s < kDotSteps; ++s) {
-        const int64_t c = c0 + 32 * s;
-        const bool in = c < nvec;
-#pragma unroll
-        for (int u = 0; u < kDotGroup; ++u) {
-          const bool load = in && ok[u];
-          g_raw[s][u] = load ? detail::load_packed<T, VEC>(g_rows[u] + c * VEC) : detail::zero_packed<T, VEC>();
-          w_raw[s][u] = load ? detail::load_packed<T, VEC>(w_rows[u] + c * VEC) : detail::zero_packed<T, VEC>();
-        }
-      }
-#pragma unroll
-      for (int s = 0; s < kDotSteps; ++s)
-#pragma unroll
-        for (int u = 0; u < kDotGroup; ++u) {
-          float g[VEC], w[VEC];
-          detail::unpack<T, VEC>(g_raw[s][u], g);
-          detail::unpack<T, VEC>(w_raw[s][u], w);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[u] = fmaf(g[e], w[e], acc[u]);
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < kDotGroup; ++u)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[u] += __shfl_xor_sync(kFull, acc[u], o);
-#pragma unroll
-    for (int u = 0; u < kDotGroup; ++u)
-      if (lane == u && j0 + u < k) out[row * k + j0 + u] = from_float<T>(acc[u]);
+    dot_chunks<T, VEC>(g_rows, w_rows, ok, nvec, lane, acc);
+    store_warp_dots<T>(acc, out + row * k, j0, k, lane);
   }
 }
 

@@ -8,24 +8,21 @@
 
 #include "common.cuh"
 #include "sparse_transpose.cuh"
+#include "warp_gather.cuh"
 
 namespace pyinterp::cuda {
 namespace {
 
-using namespace detail;  // common.cuh
+using namespace detail;  // common.cuh, sparse_transpose.cuh, warp_gather.cuh
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFull = 0xFFFFFFFFu;
 
 // ------------------------------------------------------------------------------------------------
 // gather_sum: one warp per output row. A lane owns kSumGroup 16-byte column chunks at a time and
 // walks the row's k (index, value) pairs, which the warp stages 32 at a time in registers and
-// broadcasts by shuffle; the chunks of kSumUnroll pairs are loaded before any is accumulated.
+// broadcasts by shuffle, kSumUnroll at a time (warp_gather.cuh).
 // ------------------------------------------------------------------------------------------------
-constexpr int kSumGroup = 4;
-constexpr int kSumUnroll = 4;
-
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) gather_sum_kernel(const T* __restrict__ values,
                                                               const int32_t* __restrict__ indices,
@@ -54,33 +51,18 @@ __global__ void __launch_bounds__(kThreads) gather_sum_kernel(const T* __restric
         my_val = to_float(val_row[j0 + lane]);
       }
       for (int jj = 0; jj < jn; jj += kSumUnroll) {
-        detail::Packed<T, VEC> raw[kSumUnroll][kSumGroup];
+        int id[kSumUnroll];
         float v[kSumUnroll];
+        bool ok[kSumUnroll];
 #pragma unroll
         for (int u = 0; u < kSumUnroll; ++u) {
           const int src = jj + u;
-          const int id = __shfl_sync(kFull, my_idx, src & 31);
-          const float val = __shfl_sync(kFull, my_val, src & 31);
-          // Pairs past the row's end or with an invalid index add 0 * 0 (nothing is loaded).
-          const bool ok = src < jn && id >= 0 && id < M;
-          v[u] = ok ? val : 0.0f;
-          const T* w_row = weight + int64_t(ok ? id : 0) * D;
-#pragma unroll
-          for (int g = 0; g < kSumGroup; ++g) {
-            const int64_t c = c0 + g * 32 + lane;
-            raw[u][g] = (ok && c < nvec) ? detail::load_packed<T, VEC>(w_row + c * VEC)
-                                         : detail::zero_packed<T, VEC>();
-          }
+          id[u] = __shfl_sync(kFullWarp, my_idx, src & 31);
+          v[u] = __shfl_sync(kFullWarp, my_val, src & 31);
+          // Pairs past the row's end or with an invalid index add nothing.
+          ok[u] = src < jn && id[u] >= 0 && id[u] < M;
         }
-#pragma unroll
-        for (int u = 0; u < kSumUnroll; ++u)
-#pragma unroll
-          for (int g = 0; g < kSumGroup; ++g) {
-            float w[VEC];
-            detail::unpack<T, VEC>(raw[u][g], w);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(v[u], w[e], acc[g][e]);
-          }
+        add_weight_chunks<T, VEC>(weight, D, nvec, c0, lane, id, v, ok, acc);
       }
     }
 #pragma unroll
@@ -99,13 +81,9 @@ __global__ void __launch_bounds__(kThreads) gather_sum_kernel(const T* __restric
 }
 
 // ------------------------------------------------------------------------------------------------
-// gather_dot: one warp per row, kDotGroup latents at a time so that each grad chunk, read once,
-// meets kDotGroup weight chunks; two chunk steps are loaded before any is accumulated; a fixed
-// xor-shuffle tree finishes each dot product.
+// gather_dot: one warp per row, kDotGroup latents at a time, each dot product finished by a fixed
+// xor-shuffle tree (warp_gather.cuh).
 // ------------------------------------------------------------------------------------------------
-constexpr int kDotGroup = 4;
-constexpr int kDotSteps = 2;
-
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) gather_dot_kernel(const T* __restrict__ grad,
                                                               const int32_t* __restrict__ indices,
@@ -119,6 +97,7 @@ __global__ void __launch_bounds__(kThreads) gather_dot_kernel(const T* __restric
   const T* g_row = grad + row * D;
   for (int64_t j0 = 0; j0 < k; j0 += kDotGroup) {
     const T* w_rows[kDotGroup];
+    const T* g_rows[kDotGroup];
     bool ok[kDotGroup];
     float acc[kDotGroup];
 #pragma unroll
@@ -126,40 +105,11 @@ __global__ void __launch_bounds__(kThreads) gather_dot_kernel(const T* __restric
       const int id = j0 + u < k ? indices[row * k + j0 + u] : -1;
       ok[u] = id >= 0 && id < M;
       w_rows[u] = weight + int64_t(ok[u] ? id : 0) * D;
+      g_rows[u] = g_row;  // every latent meets the token's gradient row
       acc[u] = 0.0f;
     }
-    for (int64_t c0 = lane; c0 < nvec; c0 += 32 * kDotSteps) {
-      detail::Packed<T, VEC> g_raw[kDotSteps], w_raw[kDotSteps][kDotGroup];
-#pragma unroll
-      for (int s = 0; s < kDotSteps; ++s) {
-        const int64_t c = c0 + 32 * s;
-        const bool in = c < nvec;
-        g_raw[s] = in ? detail::load_packed<T, VEC>(g_row + c * VEC) : detail::zero_packed<T, VEC>();
-#pragma unroll
-        for (int u = 0; u < kDotGroup; ++u)
-          w_raw[s][u] = (in && ok[u]) ? detail::load_packed<T, VEC>(w_rows[u] + c * VEC)
-                                      : detail::zero_packed<T, VEC>();
-      }
-#pragma unroll
-      for (int s = 0; s < kDotSteps; ++s) {
-        float g[VEC];
-        detail::unpack<T, VEC>(g_raw[s], g);
-#pragma unroll
-        for (int u = 0; u < kDotGroup; ++u) {
-          float w[VEC];
-          detail::unpack<T, VEC>(w_raw[s][u], w);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[u] = fmaf(g[e], w[e], acc[u]);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kDotGroup; ++u)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[u] += __shfl_xor_sync(kFull, acc[u], o);
-#pragma unroll
-    for (int u = 0; u < kDotGroup; ++u)
-      if (lane == u && j0 + u < k) out[row * k + j0 + u] = from_float<T>(acc[u]);
+    dot_chunks<T, VEC>(g_rows, w_rows, ok, nvec, lane, acc);
+    store_warp_dots<T>(acc, out + row * k, j0, k, lane);
   }
 }
 
