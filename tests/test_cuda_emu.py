@@ -19,6 +19,7 @@ import torch
 
 from cuda_emu import build as emu
 from pyinterp.reference import ij_accumulate as ij_reference
+from pyinterp.reference import prefix_decode as prefix_reference
 from pyinterp.reference import resonator as resonator_reference
 from pyinterp.reference import sparse_decode as sparse_reference
 from pyinterp.reference import topk_encode as topk_reference
@@ -53,8 +54,8 @@ def tsan(monkeypatch):
 
 
 # Which harness binary a test needs, from its name: (name fragment, kernel file or "selftest").
-_BINARIES = [("harness", "selftest"), ("ij_accumulate", "ij_accumulate"), ("resonator", "resonator"),
-             ("sparse", "sparse_decode"), ("topk", "topk_encode")]
+_BINARIES = [("harness", "selftest"), ("ij_accumulate", "ij_accumulate"), ("prefix", "prefix_decode"),
+             ("resonator", "resonator"), ("sparse", "sparse_decode"), ("topk", "topk_encode")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -512,6 +513,94 @@ def test_sparse_decode_sweep(tmp_path, op, dtype, N, k, M, D, misaligned):
                   skew=M > 3, env={"CUDA_EMU_SMS": "2"})
 
 
+# ---- prefix_decode.cu -------------------------------------------------------------------------
+PREFIX_OFFSETS = {"forward": ["weight_offset", "bias_offset", "out_offset"],
+                  "gather_dot": ["grad_offset", "weight_offset"],
+                  "t_matmul": ["grad_offset", "out_offset"]}
+
+
+def _prefix_check(tmp_path, op, dtype, N, k, D, prefixes, *, seed=0, skew=False, invalid=False, misaligned=False,
+                  bias=True, skip=(), env=None, name="case"):
+    """One launcher of prefix_decode.cu against the reference prefix decode and its autograd (float64,
+    exact data, so the kernel's fp32 sums round once, as the float64 result cast to T does). skip:
+    latents never drawn (empty buckets); invalid: the contract's out-of-range indices (no bucket)."""
+    M = prefixes[-1]
+    g, indices = _sparse_inputs(N, k, M, D, seed, skew=skew, invalid=invalid)
+    for latent in skip:  # moved to the next drawn latent (the tests keep it in another bucket)
+        indices[indices == latent] = latent + 1
+    T = DTYPES[dtype]
+    ok = _valid(indices, M)
+    safe = torch.where(ok, indices, 0)
+    values = exact_values((N, k), g, scale=0.25).to(T)
+    weight = exact_values((M, D), g).to(T)
+    b = exact_values((D,), g).to(T)
+    grad = exact_values((len(prefixes), N, D), g).to(T)
+    grad_suffix = prefix_reference.suffix_sum(grad.double()).to(T)  # small integers: exact in T
+    # float64 reference with the invalid entries' values zeroed (they lie in no prefix)
+    v64 = torch.where(ok, values, 0).double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    want_out = prefix_reference.prefix_decode(v64, safe, w64, list(prefixes), b.double() if bias else None)
+    want_out.backward(grad.double())
+    params = {"op": op, "dtype": dtype, "N": N, "k": k, "D": D, "prefixes": ",".join(map(str, prefixes)),
+              "has_bias": int(bias)}
+    if misaligned:
+        params.update({name: 1 for name in PREFIX_OFFSETS[op]})
+    if op == "forward":
+        case = run_ok(tmp_path, "prefix_decode", params, {"values": values, "indices": indices, "weight": weight,
+                                                           "bias": b}, env=env, name=name)
+        got = _read(case, "out", T, (len(prefixes), N, D))
+        _assert_same(got, want_out.detach().to(T), "out")
+    elif op == "gather_dot":
+        case = run_ok(tmp_path, "prefix_decode", params, {"grad_suffix": grad_suffix, "indices": indices,
+                                                           "weight": weight}, env=env, name=name)
+        _assert_same(_read(case, "out", T, (N, k)), torch.where(ok, v64.grad, 0).to(T), "grad_values")
+    else:
+        case = run_ok(tmp_path, "prefix_decode", params, {"coef": torch.where(ok, values, 0), "indices": indices,
+                                                           "grad_suffix": grad_suffix}, env=env, name=name)
+        _assert_same(_read(case, "weight_grad", T, (M, D)), w64.grad.to(T), "grad_W_dec")
+    return launches(case)
+
+
+@pytest.mark.parametrize("op", ["forward", "gather_dot", "t_matmul"])
+@pytest.mark.parametrize("dtype, D, misaligned", [("f16", 72, False), ("f32", 13, True), ("bf16", 20, False)])
+def test_prefix_decode(tmp_path, op, dtype, D, misaligned):
+    # N = 21: the third block's warps 5-7 have no row; k = 37: two 32-entry stages; D = 13 and 20 are
+    # no multiple of the vector width (scalar path); invalid indices (-1, M, 2^31 - 1) among the valid
+    _prefix_check(tmp_path, op, dtype, 21, 37, D, [3, 10, 24, 50], invalid=True, misaligned=misaligned)
+
+
+@pytest.mark.parametrize("op", ["forward", "gather_dot", "t_matmul"])
+def test_prefix_decode_empty_bucket(tmp_path, op):
+    # bucket 1 = {latent 5} is never drawn: prefix 1 repeats prefix 0, and no gradient row of bucket 1
+    # is read; 8 rows of k = 3: some rows also miss bucket 0
+    _prefix_check(tmp_path, op, "bf16", 8, 3, 16, [5, 6, 40, 50], skip=(5,))
+
+
+@pytest.mark.parametrize("op", ["forward", "gather_dot", "t_matmul"])
+def test_prefix_decode_one_prefix_one_entry(tmp_path, op):
+    # P = 1 (sparse_decode's own result) and k = 1
+    _prefix_check(tmp_path, op, "f32", 9, 1, 8, [7], bias=False)
+
+
+def test_prefix_backward_latent_spanning_many_chunks(tmp_path):
+    # one SM: ~16 chunks of the 1600 pairs; latent 3 (bucket 1 of 3) holds ~800 of them
+    log = _prefix_check(tmp_path, "t_matmul", "f16", 200, 8, 24, [2, 6, 40], skew=True, env={"CUDA_EMU_SMS": "1"})
+    chunks = [line for line in log if line.startswith("chunk_reduce_kernel")]
+    assert chunks and int(chunks[0].split("grid=")[1].split(",")[0]) >= 8, log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["forward", "gather_dot", "t_matmul"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("N, k, D, prefixes, misaligned", [
+    (1, 1, 1, [1], False), (33, 5, 520, [18, 37, 75, 150, 300], False), (9, 70, 8, [1, 2, 3, 12], True),
+    (64, 4, 1030, [5], True), (17, 40, 24, list(range(2, 129, 2)), False)])
+def test_prefix_decode_sweep(tmp_path, op, dtype, N, k, D, prefixes, misaligned):
+    # the last: kMaxPrefixes = 64 prefixes, most of them empty in any one row
+    _prefix_check(tmp_path, op, dtype, N, k, D, prefixes, seed=N + D, invalid=True, misaligned=misaligned,
+                  skew=prefixes[-1] > 3, env={"CUDA_EMU_SMS": "2"})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("kc, aux", sorted(FUSED_CONFIGS))
@@ -642,3 +731,13 @@ def test_thread_sanitizer_resonator(tmp_path):
 @pytest.mark.usefixtures("tsan")
 def test_thread_sanitizer_ij_accumulate(tmp_path):
     _ij_case(tmp_path, "f16", K=2, E=3, S=3, width=40, with_jbar=True)
+
+
+@pytest.mark.usefixtures("tsan")
+def test_thread_sanitizer_prefix_forward(tmp_path):
+    _prefix_check(tmp_path, "forward", "f16", 19, 37, 72, [3, 10, 24, 50], invalid=True)
+
+
+@pytest.mark.usefixtures("tsan")
+def test_thread_sanitizer_prefix_backward(tmp_path):
+    _prefix_check(tmp_path, "t_matmul", "f32", 60, 8, 40, [4, 9, 20], env={"CUDA_EMU_SMS": "1"})

@@ -10,6 +10,7 @@ from pyinterp.reference import prefix_decode as reference
 from helpers import ALL_DTYPES, assert_close_to_float64, backend_device_pairs
 
 PAIRS = backend_device_pairs("prefix_decode")
+FLOAT64_PAIRS = [(b, d) for b, d in PAIRS if b != "cuda"]  # the CUDA kernels take fp32/fp16/bf16
 # (N, k, M, D, prefixes): one latent and one prefix; a bucket no row uses; k > a bucket's size; odd sizes.
 SHAPES = [(1, 1, 1, 1, [1]), (5, 3, 7, 9, [1, 3, 7]), (13, 8, 67, 33, [4, 16, 40, 67]),
           (6, 40, 203, 100, [12, 25, 50, 101, 203])]
@@ -27,6 +28,10 @@ def _problem(n, k, m, d, *, seed, dtype=torch.float64, device="cpu", leading=Non
             b_dec.to(device=device, dtype=dtype))
 
 
+def _widest(backend: str) -> torch.dtype:
+    return torch.float32 if backend == "cuda" else torch.float64
+
+
 def _dense(values, indices, W_dec, prefixes, b_dec):
     """Per-prefix dense decodes: the dense code f (N, M) truncated to its first m_p latents."""
     dense = torch.zeros(values.shape[0], W_dec.shape[0], dtype=values.dtype)
@@ -41,7 +46,7 @@ def test_reference_equals_dense_decodes_of_each_prefix():
     torch.testing.assert_close(reference.prefix_decode(values, indices, W_dec, prefixes, b_dec), want)
 
 
-@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("backend,device", FLOAT64_PAIRS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_forward_and_backward_match_reference_in_float64(backend, device, shape, with_bias):
@@ -84,7 +89,8 @@ def test_low_precision_within_twice_the_reference_error(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_last_prefix_is_sparse_decode_and_leading_dims_are_kept(backend, device):
-    values, indices, W_dec, b_dec = _problem(6, 4, 30, 7, seed=2, device=device, leading=(2, 3))
+    values, indices, W_dec, b_dec = _problem(6, 4, 30, 7, seed=2, device=device, leading=(2, 3),
+                                             dtype=_widest(backend))
     out = pyinterp.prefix_decode(values, indices, W_dec, [5, 30], b_dec, backend=backend)
     assert out.shape == (2, 2, 3, 7)
     torch.testing.assert_close(out[-1], pyinterp.sparse_decode(values, indices, W_dec, b_dec, backend="torch"))
@@ -92,7 +98,7 @@ def test_last_prefix_is_sparse_decode_and_leading_dims_are_kept(backend, device)
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_no_rows_in_no_rows_out_and_zero_gradients(backend, device):
-    values, indices, W_dec, b_dec = _problem(0, 3, 10, 4, seed=0, device=device)
+    values, indices, W_dec, b_dec = _problem(0, 3, 10, 4, seed=0, device=device, dtype=_widest(backend))
     W_dec.requires_grad_()
     out = pyinterp.prefix_decode(values, indices, W_dec, [2, 10], b_dec, backend=backend)
     assert out.shape == (2, 0, 4)
@@ -132,7 +138,7 @@ def test_bad_indices_raise_naming_the_argument():
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_unchecked_out_of_range_indices_are_never_read_through(backend, device):
-    values, indices, W_dec, b_dec = _problem(4, 3, 10, 5, seed=6, device=device)
+    values, indices, W_dec, b_dec = _problem(4, 3, 10, 5, seed=6, device=device, dtype=_widest(backend))
     indices[1, 2] = 10
     if backend == "cpu":  # the C++ kernel checks anyway, at no cost
         with pytest.raises(RuntimeError, match=r"indices\[1, 2\] = 10 is out of range"):
@@ -141,3 +147,15 @@ def test_unchecked_out_of_range_indices_are_never_read_through(backend, device):
     got = pyinterp.prefix_decode(values, indices, W_dec, [3, 10], b_dec, backend=backend, check_indices=False)
     values[1, 2], indices[1, 2] = 0, 0
     torch.testing.assert_close(got, reference.prefix_decode(values, indices, W_dec, [3, 10], b_dec))
+
+
+@pytest.mark.parametrize("request_, reason", [
+    ({"num_prefixes": 65, "dtype": torch.float32}, "at most 64 prefixes, got 65"),
+    ({"num_prefixes": 3, "dtype": torch.float64}, "got float64"),
+])
+def test_cuda_declines_what_its_kernels_cannot_run(request_, reason):
+    # backend="auto" then takes triton on CUDA tensors; an explicit backend="cuda" raises with this reason
+    from pyinterp.ops.prefix_decode import SPEC
+    assert reason in SPEC.unsupported("cuda", **request_)
+    assert SPEC.unsupported("cuda", num_prefixes=64, dtype=torch.bfloat16) == ""
+    assert SPEC.unsupported("triton", **request_) == ""

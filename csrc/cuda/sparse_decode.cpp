@@ -9,15 +9,6 @@ namespace {
 
 using namespace pyinterp::glue;
 
-// indices (N, k) int32 on values' device, shaped like `like` (named like_name in errors).
-void check_indices(const char* op, const Tensor& indices, const Tensor& like, const char* like_name) {
-  check_tensor(op, "indices", indices, 2, &like);
-  check_dtype(op, "indices", indices, ScalarType::Int);
-  STD_TORCH_CHECK(indices.size(0) == like.size(0) && indices.size(1) == like.size(1), op,
-                  ": indices must have the shape of ", like_name, " (", like.size(0), ", ",
-                  like.size(1), "), got (", indices.size(0), ", ", indices.size(1), ")");
-}
-
 Tensor gather_sum_cuda(Tensor values, Tensor indices, Tensor weight, std::optional<Tensor> bias) {
   const char* op = "gather_sum";
   check_tensor(op, "values", values, 2);

@@ -81,6 +81,16 @@ inline void check_size(const char* op, const char* name, const Tensor& t, int64_
                   meaning, "), got ", t.size(dim));
 }
 
+// indices (N, k) int32 on like's device, of the shape of `like` (named like_name in errors): the
+// codes of a sparse op (sparse_decode, prefix_decode).
+inline void check_indices(const char* op, const Tensor& indices, const Tensor& like, const char* like_name) {
+  check_tensor(op, "indices", indices, 2, &like);
+  check_dtype(op, "indices", indices, ScalarType::Int);
+  STD_TORCH_CHECK(indices.size(0) == like.size(0) && indices.size(1) == like.size(1), op,
+                  ": indices must have the shape of ", like_name, " (", like.size(0), ", ", like.size(1),
+                  "), got (", indices.size(0), ", ", indices.size(1), ")");
+}
+
 // f(T{}) with T the CUDA type of `t`'s dtype (float32, float16, bfloat16).
 template <typename F>
 void dispatch_float(const char* op, const char* name, const Tensor& t, F&& f) {

@@ -1,5 +1,7 @@
 // Helpers shared by the kernels/cuda/*.cu files (device code and launcher plumbing; include from .cu
 // only).
+// Larger pieces that several ops share have their own device headers: sparse_transpose.cuh (the
+// deterministic sparse^T x dense sum) and warp_gather.cuh (warp-per-row gathers of decoder rows).
 //
 // Naming rule of kernels/cuda, for every op:
 //   - everything lives in namespace pyinterp::cuda (device helpers in pyinterp::cuda::detail,

@@ -39,7 +39,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     aux_alpha carry over from BatchTopK, and it is dictionary_learning's default; SAELens sums the
     per-prefix MSEs instead, which is prefix_weights=[1]*P up to its MSE normalisation. AuxK is that of
     the whole dictionary (SAELens' default, use_matryoshka_aux_loss=False). Eval mode: BatchTopKSAE's
-    threshold encoder. backend: the ops' (with "cuda", the prefix decode runs on Triton)."""
+    threshold encoder. backend: the ops'."""
 
     architecture = "matryoshka_batch_topk"
     load_keys = BatchTopKSAE.load_keys + ("prefixes", "prefix_weights")
@@ -69,9 +69,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         (flat,) = self._cast(x.reshape(-1, self.d_model))
         values, indices, aux_values, aux_indices, num_dead = self._select(flat, dead_mask)
         W_dec, b_dec = self._cast(self.W_dec, self.b_dec)
-        # prefix_decode has no cuda kernel: backend="cuda" (the encoder's) decodes with Triton there.
-        decode_backend = "triton" if self.backend == "cuda" else self.backend
-        nested = prefix_decode(values, indices, W_dec, self.prefixes, b_dec, backend=decode_backend,
+        nested = prefix_decode(values, indices, W_dec, self.prefixes, b_dec, backend=self.backend,
                                check_indices=False)                                  # (P, N, D)
         target = flat.to(accumulator_dtype(flat.dtype))
         errors = (target - nested.to(target.dtype)).pow(2).sum((1, 2))

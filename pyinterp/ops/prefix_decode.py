@@ -9,9 +9,9 @@ prefix from b on) and runs the bucket-aware analogues of sparse_decode's gather_
 sparse_t_matmul, whose grad row depends on the latent's bucket (so theirs, which take one grad row per
 token, do not fit without P-fold work).
 
-Backends: cpu (csrc/cpu/prefix_decode.cpp), triton (kernels/triton/prefix_decode.py) and torch (the
-reference). No cuda backend: the CUDA sparse_decode kernel has no bucket loop to reuse, so CUDA
-tensors run the Triton kernels."""
+Backends: cuda (kernels/cuda/prefix_decode.cu, glue csrc/cuda/prefix_decode.cpp; at most
+CUDA_MAX_PREFIXES prefixes, float32/float16/bfloat16; other calls fall to triton under auto), triton (kernels/triton/prefix_decode.py),
+cpu (csrc/cpu/prefix_decode.cpp) and torch (the reference)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
@@ -67,7 +67,7 @@ class PrefixKernels(NamedTuple):
     t_matmul: object
 
 
-def _cpu() -> PrefixKernels:
+def _native() -> PrefixKernels:  # cpu and cuda: the dispatcher picks the kernel of the tensors' device
     ops = torch.ops.pyinterp
     return PrefixKernels(ops.prefix_decode_forward, ops.prefix_gather_dot, ops.prefix_t_matmul)
 
@@ -78,7 +78,24 @@ def _triton() -> PrefixKernels:
                          ops.prefix_t_matmul_triton)
 
 
-SPEC = _dispatch.register(_dispatch.OpSpec("prefix_decode", kernels={"triton": _triton, "cpu": _cpu}))
+# The prefix sizes reach the CUDA kernels as a launch argument of this many (kernels/cuda/prefix_decode.cuh,
+# kMaxPrefixes).
+CUDA_MAX_PREFIXES = 64
+
+
+def _supports(backend: str, *, num_prefixes: int, dtype: torch.dtype) -> str:
+    if backend != "cuda":
+        return ""
+    if num_prefixes > CUDA_MAX_PREFIXES:
+        return (f"the cuda prefix decode takes at most {CUDA_MAX_PREFIXES} prefixes, got {num_prefixes} "
+                f"(use triton or torch)")
+    if dtype == torch.float64:
+        return "the cuda prefix decode takes float32, float16 or bfloat16 values, got float64 (use triton or torch)"
+    return ""
+
+
+SPEC = _dispatch.register(_dispatch.OpSpec(
+    "prefix_decode", kernels={"cuda": _native, "triton": _triton, "cpu": _native}, supports=_supports))
 
 
 def check_prefixes(op: str, name: str, prefixes, num_latents: int, latents_name: str) -> list[int]:
@@ -143,8 +160,9 @@ def prefix_decode(values: Tensor, indices: Tensor, W_dec: Tensor, prefixes: Sequ
     Returns (P, ..., D) in values' dtype, accumulated in fp32; out[-1] is sparse_decode's result.
     Differentiable in values, W_dec and b_dec (weight gradients deterministic). check_indices=False
     skips the host-syncing range check of int32 indices that come from pyinterp's encoders (an
-    out-of-range one lies in no prefix on triton; cpu raises). backend: "auto", "triton", "cpu" or
-    "torch" (the reference); there is no cuda backend (CUDA tensors take triton)."""
+    out-of-range one lies in no prefix on cuda and triton; cpu raises). backend: "auto", "cuda" (at
+    most CUDA_MAX_PREFIXES prefixes, no float64; auto takes triton for the others), "triton", "cpu" or "torch" (the
+    reference)."""
     op = "prefix_decode"
     _validation.check_tensor(op, "values", values, dtypes=_validation.FLOAT_DTYPES)
     _validation.check_tensor(op, "indices", indices, dtypes=_validation.INDEX_DTYPES)
@@ -169,7 +187,7 @@ def prefix_decode(values: Tensor, indices: Tensor, W_dec: Tensor, prefixes: Sequ
         _validation.check_index_range(op, "indices", flat_indices, num_latents,
                                       "the number of latents, W_dec.shape[0]")
     flat_indices = flat_indices.to(torch.int32)
-    backend = SPEC.resolve(backend, values.device)
+    backend = SPEC.resolve(backend, values.device, num_prefixes=len(sizes), dtype=values.dtype)
     if backend == "torch" or flat_values.shape[0] == 0:  # no rows: the reference's empty result
         out = reference.prefix_decode(flat_values, flat_indices, W_dec, sizes, b_dec)
     else:

@@ -159,7 +159,7 @@ def build(kernel: str, variant: str = "asan") -> Path:
     (work / "kernels").mkdir(parents=True)
     for src in [*kernel_sources, cu]:
         dst = work / "kernels" / src.name
-        dst.write_text(rewrite(src.read_text(), src.name) if src.suffix == ".cu" else src.read_text())
+        dst.write_text(rewrite(src.read_text(), src.name))  # .cuh too: shared device code launches
     cmd = ["g++", *flags, "-I", str(INCLUDE), "-I", str(work / "kernels"), "-I", str(HERE),
            "-include", "cuda_emu_ptx.h", "-x", "c++", str(work / "kernels" / cu.name), "-x", "none",
            *map(str, drivers), str(HERE / "cuda_emu.cpp"), "-o", str(work / kernel)]

@@ -111,6 +111,7 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }  // 1 + lowest set bit, 0 for none
 inline long long __double2ll_rn(double v) { return std::llrint(v); }  // default rounding: half to even
 inline double __dmul_rn(double a, double b) { return a * b; }
 using std::fmaf;
