@@ -17,33 +17,11 @@
 #include <vector>
 
 #include "checks.h"
+#include "sparse_rows.h"
 
 namespace {
 
 using namespace pyinterp::cpu;
-
-template <typename acc_t, typename scalar_t>
-inline const acc_t* widen(const scalar_t* row, int64_t D, acc_t* buf) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return row;
-  } else {
-    for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<acc_t>(row[d]);
-    return buf;
-  }
-}
-
-// <a, b> with 8 partial sums added in a fixed order (vectorises without reassociation; deterministic).
-template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t D) {
-  T s[8] = {};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    for (int q = 0; q < 8; ++q) s[q] += a[d + q] * b[d + q];
-  }
-  T tail = 0;
-  for (; d < D; ++d) tail += a[d] * b[d];
-  return (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) + tail;
-}
 
 struct Buckets {
   std::vector<int64_t> prefixes;
@@ -51,15 +29,6 @@ struct Buckets {
     return std::upper_bound(prefixes.begin(), prefixes.end(), latent) - prefixes.begin();
   }
 };
-
-inline int64_t checked_latent(const int32_t* idx, int64_t n, int64_t j, int64_t k, int64_t M, const char* op) {
-  const int64_t i = idx[n * k + j];
-  TORCH_CHECK(i >= 0 && i < M, op, ": indices[", n, ", ", j, "] = ", i, " is out of range [0, ", M,
-              ") (the number of latents, prefixes[-1])");
-  return i;
-}
-
-int64_t row_grain(int64_t row_cost) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_cost)); }
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight,
@@ -79,7 +48,7 @@ void forward_kernel(const at::Tensor& values, const at::Tensor& indices, const a
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(start.begin(), start.end(), 0);
       for (int64_t j = 0; j < k; ++j) {
-        latent[j] = checked_latent(idx, n, j, k, M, "prefix_decode_forward");
+        latent[j] = checked_index(idx, n, j, k, M, "prefix_decode_forward", "the number of latents, prefixes[-1]");
         bucket[j] = buckets.of(latent[j]);
         ++start[bucket[j] + 1];
       }
@@ -96,7 +65,7 @@ void forward_kernel(const at::Tensor& values, const at::Tensor& indices, const a
           const int64_t j = order[e];
           const acc_t c = v[n * k + j];
           const acc_t* row = widen(w + latent[j] * D, D, stage.data());
-          for (int64_t d = 0; d < D; ++d) acc[d] += c * row[d];
+          axpy_one(acc.data(), &row, &c, D);
         }
         scalar_t* dst = o + (p * N + n) * D;  // the cumulative reconstruction of prefix p
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
@@ -119,10 +88,12 @@ void gather_dot_kernel(const at::Tensor& grad, const at::Tensor& indices, const 
     std::vector<acc_t> stage(2 * D);
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t j = 0; j < k; ++j) {
-        const int64_t i = checked_latent(idx, n, j, k, M, "prefix_gather_dot");
+        const int64_t i = checked_index(idx, n, j, k, M, "prefix_gather_dot", "the number of latents, prefixes[-1]");
         const acc_t* gn = widen(g + (buckets.of(i) * N + n) * D, D, stage.data());
         const acc_t* row = widen(w + i * D, D, stage.data() + D);
-        o[n * k + j] = static_cast<scalar_t>(dot(gn, row, D));
+        acc_t dot;
+        dot_one(gn, &row, D, &dot);
+        o[n * k + j] = static_cast<scalar_t>(dot);
       }
     }
   });
@@ -138,17 +109,8 @@ void t_matmul_kernel(const at::Tensor& coef, const at::Tensor& indices, const at
   const scalar_t* g = grad.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
 
-  // CSR of the (latent, n*k + j) pairs by a counting sort; each latent's entries in increasing
-  // n*k + j order, the fixed reduction order that makes the result deterministic.
-  std::vector<int64_t> offsets(M + 1, 0), positions(N * k);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t j = 0; j < k; ++j) ++offsets[checked_latent(idx, n, j, k, M, "prefix_t_matmul") + 1];
-  }
-  for (int64_t i = 0; i < M; ++i) offsets[i + 1] += offsets[i];
-  {
-    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-    for (int64_t p = 0; p < N * k; ++p) positions[cursor[idx[p]]++] = p;
-  }
+  std::vector<int64_t> offsets, positions;
+  latent_csr(idx, N, k, M, "prefix_t_matmul", offsets, positions);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (N * k / std::max<int64_t>(M, 1) + 1) * D));
   at::parallel_for(0, M, grain, [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> acc(D), stage(D);
@@ -159,7 +121,7 @@ void t_matmul_kernel(const at::Tensor& coef, const at::Tensor& indices, const at
         const int64_t p = positions[e];
         const acc_t cp = c[p];
         const acc_t* row = widen(rows + (p / k) * D, D, stage.data());
-        for (int64_t d = 0; d < D; ++d) acc[d] += cp * row[d];
+        axpy_one(acc.data(), &row, &cp, D);
       }
       for (int64_t d = 0; d < D; ++d) o[i * D + d] = static_cast<scalar_t>(acc[d]);
     }
