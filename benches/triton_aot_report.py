@@ -1,6 +1,6 @@
 """AOT-compile the Triton kernels for sm_90 (no GPU needed): shared memory, registers and local-memory
 stack (spills) of each, from the cubin (cuobjdump -res-usage of Triton's bundled CUDA tools).
-    .venv/bin/python benches/triton_aot_report.py ij res topk sparse mp"""
+    .venv/bin/python benches/triton_aot_report.py ij res topk sparse mp prefix"""
 import os
 import subprocess
 import sys
@@ -88,3 +88,19 @@ if "mp" in which:
         compile_one(f"matching_pursuit_gram_D{D}", mp._matching_pursuit_gram_kernel,
                     {"s_ptr": "*fp32", **rows, "g_ptr": "*fp32", "row0": "i32"},
                     {**flags, "BLOCK_M": mp.latent_block(D, M, gram=True, interpreter=False), "BLOCK_D": mp.pow2(D)})
+if "prefix" in which:
+    import triton.language as tl
+    from pyinterp._kernels.triton import prefix_decode as pd
+    D = 768  # gpt2-32k; the GPU tiles of kernels/triton/prefix_decode.py's launchers
+    compile_one("prefix_decode", pd._prefix_decode_kernel,
+                {"val_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*bf16", "bias_ptr": "*bf16", "pref_ptr": "*i64",
+                 "out_ptr": "*bf16", "N": "i32", "K": "i32", "D": "i32", "P": "i32"},
+                {"HAS_BIAS": True, "ACC": tl.float32, "BLOCK_R": 1, "BLOCK_K": 8, "BLOCK_D": min(512, pd.pow2(D))})
+    compile_one("prefix_gather_dot", pd._prefix_gather_dot_kernel,
+                {"g_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*bf16", "pref_ptr": "*i64", "out_ptr": "*bf16",
+                 "NK": "i64", "N": "i32", "K": "i32", "M": "i32", "D": "i32", "P": "i32"},
+                {"ACC": tl.float32, "BLOCK_P": 16, "BLOCK_D": min(256, pd.pow2(D))})
+    compile_one("prefix_segment_sum", pd._prefix_segment_sum_kernel,
+                {"coef_ptr": "*fp32", "perm_ptr": "*i64", "seg_ptr": "*i64", "g_ptr": "*bf16", "pref_ptr": "*i64",
+                 "out_ptr": "*bf16", "L": "i32", "N": "i32", "K": "i32", "D": "i32", "P": "i32"},
+                {"ACC": tl.float32, "BLOCK_L": 4, "BLOCK_D": min(1024, pd.pow2(D))})

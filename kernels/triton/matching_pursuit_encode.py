@@ -128,6 +128,9 @@ def _matching_pursuit_gram_kernel(s_ptr, x_ptr, w_ptr, b_ptr, g_ptr, val_ptr, id
             better = tile_key > best_key
             best = tl.where(better, m0 + tile_arg, best)
             best_key = tl.where(better, tile_key, best_key)
+        # A [BLOCK_M] tile may be replicated across warps: one replica stores the updated scores and
+        # every replica loads them next step, so the stores must land before the next step reads.
+        tl.debug_barrier()
         w = tl.load(w_ptr + best.to(tl.int64) * D + cols, mask=col_ok, other=0.0).to(ACC)
         r, c, listed_v, listed_i, done = _step(r, w, best, t, slots, listed_v, listed_i, done, residual_threshold,
                                                POSITIVE, STOP_DUPLICATE, USE_THRESHOLD)
