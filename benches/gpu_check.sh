@@ -199,7 +199,8 @@ if ((dry_run)); then
   stage kernels 60 "$PY" $driver sanitize --large --backends cpu
 else
   stage gpu-tests 150 "${pytest[@]}" -m "not slow" --durations=15 --junitxml "$work/gpu-tests.xml" \
-    tests/test_topk_encode.py tests/test_sparse_decode.py tests/test_ij_accumulate.py tests/test_resonator.py
+    tests/test_topk_encode.py tests/test_sparse_decode.py tests/test_prefix_decode.py tests/test_ij_accumulate.py \
+    tests/test_resonator.py
   stage kernels 60 "$PY" $driver sanitize --large --backends cuda,triton
 fi
 

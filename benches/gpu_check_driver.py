@@ -86,6 +86,28 @@ def _decode_case(backend, device, dtype, n, d, m, k, generator):
     return label
 
 
+def _prefix_decode_case(backend, device, dtype, n, d, prefixes, k, generator):
+    """The Matryoshka prefix decode (all len(prefixes) nested reconstructions) and its two backward
+    kernels, against the torch backend."""
+    m = prefixes[-1]
+    values = _exact((n, k), generator, device, dtype)
+    indices = torch.randint(0, m, (n, k), generator=generator).to(device=device, dtype=torch.int32)
+    W_dec = _exact((m, d), generator, device, dtype)
+    b_dec = _exact((d,), generator, device, dtype)
+    results = {}
+    for name in (backend, "torch"):
+        leaves = [t.clone().requires_grad_(True) for t in (values, W_dec, b_dec)]
+        out = pyinterp.prefix_decode(leaves[0], indices, leaves[1], prefixes, leaves[2], backend=name)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+        results[name] = (out, [t.grad for t in leaves])
+    label = f"prefix_decode[{backend}, {dtype}, N={n} D={d} prefixes={prefixes} k={k}]"
+    (out, grads), (ref_out, ref_grads) = results[backend], results["torch"]
+    _assert_close(label, out, ref_out, _tol(dtype))
+    for g, r, leaf in zip(grads, ref_grads, ("values", "W_dec", "b_dec")):
+        _assert_close(f"{label} grad {leaf}", g, r, _tol(dtype) * max(1.0, k) * len(prefixes))
+    return label
+
+
 def _coef_sum_without_columns_case(backend, device, generator):
     """sparse_t_matmul with D = 0 (the op, below sparse_decode, which rejects D = 0): coef_sum, the
     b_enc gradient, is still the per-latent sum of coef."""
@@ -141,6 +163,7 @@ def _small_cases(backend, device, dtype, generator):
         lambda: _encode_case(backend, device, dtype, 9, 13, 77, 5, 0, generator),
         lambda: _decode_case(backend, device, dtype, 33, 64, 500, 17, generator),
         lambda: _decode_case(backend, device, dtype, 7, 13, 40, 9, generator),
+        lambda: _prefix_decode_case(backend, device, dtype, 21, 20, [5, 40, 64, 300], 37, generator),
         lambda: _ij_case(backend, device, dtype, 3, 2, 5, 37, generator),
     ]
 
@@ -150,7 +173,8 @@ def _large_cases(backend, device, dtype, generator):
     with the default k_aux = D/2, a large b_dec in 16-bit, decodes spanning many chunks."""
     if device == "cpu":  # the dry run: the same calls, small enough for a loaded CPU
         return [lambda: _encode_case(backend, device, dtype, 16, 32, 3000, 40, 16, generator, 64.0),
-                lambda: _decode_case(backend, device, dtype, 64, 32, 2000, 16, generator)]
+                lambda: _decode_case(backend, device, dtype, 64, 32, 2000, 16, generator),
+                lambda: _prefix_decode_case(backend, device, dtype, 32, 32, [125, 500, 2000], 16, generator)]
     return [
         lambda: _encode_case(backend, device, dtype, 300, 256, 40000, 64, 0, generator),
         lambda: _encode_case(backend, device, dtype, 200, 256, 20000, 32, 128, generator),
@@ -158,6 +182,7 @@ def _large_cases(backend, device, dtype, generator):
         lambda: _encode_case(backend, device, dtype, 100, 512, 9000, 200, 256, generator),
         lambda: _encode_case(backend, device, dtype, 128, 256, 8192, 32, 0, generator, 64.0),
         lambda: _decode_case(backend, device, dtype, 4096, 512, 50000, 64, generator),
+        lambda: _prefix_decode_case(backend, device, dtype, 2048, 512, [3125, 12500, 50000], 64, generator),
     ]
 
 
