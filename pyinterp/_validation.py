@@ -110,3 +110,26 @@ def check_index_range(op: str, name: str, indices: torch.Tensor, size: int, size
     if int(low) < 0 or int(high) >= size:
         raise IndexError(f"{op}: {name} must lie in [0, {size}) ({size_name}), "
                          f"found values in [{int(low)}, {int(high)}]")
+
+
+def check_sparse_code(op: str, values, indices, W_dec, b_dec) -> tuple[int, int, int]:
+    """A sparse code (values, indices: the same shape (..., k), float values, int32/int64 indices)
+    against a decoder W_dec (M, D) and optional b_dec (D,) on one device in one dtype; returns
+    (M, D, k)."""
+    check_tensor(op, "values", values, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "indices", indices, dtypes=INDEX_DTYPES)
+    check_tensor(op, "W_dec", W_dec, ndim=2)
+    if b_dec is not None:
+        check_tensor(op, "b_dec", b_dec, ndim=1)
+    if values.dim() < 1 or indices.shape != values.shape:
+        raise ValueError(f"{op}: indices must have the shape of values {tuple(values.shape)}, "
+                         f"got {tuple(indices.shape)}")
+    check_same_device(op, "values", values, indices=indices, W_dec=W_dec, b_dec=b_dec)
+    check_same_dtype(op, "values", values, W_dec=W_dec, b_dec=b_dec)
+    num_latents, width = W_dec.shape
+    if num_latents == 0 or width == 0:
+        raise ValueError(f"{op}: W_dec must be (M, D) with M >= 1 latents and D >= 1 features, got "
+                         f"shape {tuple(W_dec.shape)}")
+    check_shape(op, "b_dec", b_dec, (width,), "W_dec.shape[1]")
+    k = check_int(op, "k (values.shape[-1])", values.shape[-1], low=1)
+    return num_latents, width, k

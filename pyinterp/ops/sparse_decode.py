@@ -136,23 +136,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     (forward and backward), cpu checks anyway (it costs no sync there) and raises.
     backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference)."""
     op = "sparse_decode"
-    _validation.check_tensor(op, "values", values, dtypes=_validation.FLOAT_DTYPES)
-    _validation.check_tensor(op, "indices", indices, dtypes=_validation.INDEX_DTYPES)
-    _validation.check_tensor(op, "W_dec", W_dec, ndim=2)
-    if b_dec is not None:
-        _validation.check_tensor(op, "b_dec", b_dec, ndim=1)
-    if values.dim() < 1 or indices.shape != values.shape:
-        raise ValueError(f"{op}: indices must have the shape of values {tuple(values.shape)}, "
-                         f"got {tuple(indices.shape)}")
-    _validation.check_same_device(op, "values", values, indices=indices, W_dec=W_dec, b_dec=b_dec)
-    _validation.check_same_dtype(op, "values", values, W_dec=W_dec, b_dec=b_dec)
-    num_latents, width = W_dec.shape
-    if num_latents == 0 or width == 0:
-        raise ValueError(f"{op}: W_dec must be (M, D) with M >= 1 latents and D >= 1 features, got "
-                         f"shape {tuple(W_dec.shape)}")
-    _validation.check_shape(op, "b_dec", b_dec, (width,), "W_dec.shape[1]")
-    k = values.shape[-1]
-    _validation.check_int(op, "k (values.shape[-1])", k, low=1)
+    num_latents, width, k = _validation.check_sparse_code(op, values, indices, W_dec, b_dec)
     leading = values.shape[:-1]
     flat_values = values.reshape(-1, k)
     flat_indices = indices.reshape(-1, k)
