@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_shapes import ALL_SHAPES, bench_device, measure_and_record, sae_case, synchronize
+from sae_shapes import (ALL_SHAPES, bench_device, measure_and_record, sae_case, saelens_training,
+                        synchronize)
 from pyinterp.nn.matryoshka import default_prefixes
 from pyinterp.sae import TensorSource, TrainConfig, Trainer, build_sae
 
@@ -30,26 +31,10 @@ def saelens_step(x, latents, k, dead_mask):
     with AuxK and the inner prefix losses, the firing bookkeeping, backward, grad-norm clipping, Adam."""
     from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
                                                         MatryoshkaBatchTopKTrainingSAEConfig)
-    from sae_lens.saes.sae import TrainStepInput
 
     cfg = MatryoshkaBatchTopKTrainingSAEConfig(d_in=x.shape[1], d_sae=latents, k=k, device=DEVICE,
                                                matryoshka_widths=default_prefixes(latents))
-    sae = MatryoshkaBatchTopKTrainingSAE(cfg)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    since_fired = torch.zeros(latents, device=DEVICE)
-
-    def step():
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
-            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead_mask,
-                                                           n_training_steps=0, is_logging_step=False))
-            with torch.no_grad():
-                since_fired.add_(1)
-                since_fired[out.feature_acts.bool().any(0)] = 0
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-    return step
+    return saelens_training(MatryoshkaBatchTopKTrainingSAE(cfg), x, coefficients={}, dead_mask=dead_mask)
 
 
 @pytest.mark.parametrize("shape", list(ALL_SHAPES))
